@@ -1,0 +1,48 @@
+# Two commands on a fresh machine: `make train` and `make test` (each bootstraps .venv first).
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+ARGS ?=
+PYTEST_ARGS ?=
+
+# Offline machines: use a data folder checked out beside the repository if there is one
+# (see README, "Data"). An explicit LIFELONG_DATA_DIR wins.
+ifneq ($(wildcard ../shared/data/MNIST),)
+LIFELONG_DATA_DIR ?= $(abspath ../shared/data)
+export LIFELONG_DATA_DIR
+endif
+
+.PHONY: install train test test-all lint format bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --upgrade pip
+	$(BIN)/python -m pip install -e '.[dev]'
+	touch $(STAMP)
+
+train: $(STAMP)  ## the default experiment: EWC on permuted MNIST
+	$(BIN)/python train.py $(ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+test: lint  ## lint, then the test suite (without the `slow` runs)
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test-all: lint  ## everything, `slow` runs included
+	$(BIN)/python -m pytest -m "" $(PYTEST_ARGS)
+
+format: $(STAMP)
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+bench: $(STAMP)  ## speed and memory targets (README, "Performance")
+	$(BIN)/python scripts/benchmark.py $(ARGS)
+
+clean:
+	rm -rf $(VENV) outputs multirun .pytest_cache .ruff_cache .mypy_cache

@@ -1,0 +1,471 @@
+"""Speed and memory of lifelong against plain PyTorch, measured side by side in one run.
+
+    python scripts/benchmark.py                       # everything (about 10 minutes on 2 cores)
+    python scripts/benchmark.py --sections train fisher tasks
+    python scripts/benchmark.py --e2e-tasks 3         # a shorter end-to-end comparison
+
+Sections (README, "Performance", holds the table of the last full run):
+
+* ``train``: one epoch of permuted MNIST (MLP 2 x 400, batch 128, SGD) through our Lightning path (the real
+  TaskStream, ContinualClassifier, Trainer with progress bar and TensorBoard) against a minimal hand-written
+  loop over the same in-memory tensors; and EWC against fine-tuning on the Lightning path.
+* ``fisher``: the vectorised per-sample Fisher against the per-sample loop (timed on a subset, scaled), its
+  cost in training epochs, and its relative error; MLP and CNN, all three Fisher types.
+* ``tasks``: separate-mode EWC's per-step cost and state size after 1, 10 and 50 past tasks.
+* ``e2e``: ``train.py method=ewc dataset=permuted_mnist dataset.num_tasks=10 epochs_per_task=1``: wall time
+  and peak resident memory, against the same protocol through the usual torchvision pipeline (a PIL image
+  per sample, ToTensor, a permutation transform, DataLoader).
+
+Timings are the minimum over interleaved repeats (the least disturbed by other load on a shared machine);
+the median is shown beside it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import io
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lifelong.data import PermutedStream
+from lifelong.methods import EWC, Finetune, fisher_sums, per_sample_loop_fisher
+from lifelong.models import CNN, MLP, ContinualClassifier
+from lifelong.run import stream_trainer
+
+REPO = Path(__file__).resolve().parents[1]
+ROWS: list[tuple[str, str, str, str]] = []  # section, measure, value, target
+
+
+def row(section: str, measure: str, value: str, target: str = "") -> None:
+    ROWS.append((section, measure, value, target))
+    print(f"  {measure:<62} {value:>22}  {target}", flush=True)
+
+
+def timed(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, tuple[float, float]]:
+    """Run each fn ``repeats`` times, interleaved; a fn may return its own measured seconds (a float)."""
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            inner = fn()
+            times[name].append(inner if isinstance(inner, float) else time.perf_counter() - t0)
+    return {k: (min(v), statistics.median(v)) for k, v in times.items()}
+
+
+def fmt(best_median: tuple[float, float], unit: str = "s") -> str:
+    b, m = best_median
+    return f"{b:.3f} {unit} (med {m:.3f})"
+
+
+# ---- training steps ------------------------------------------------------------------------------------
+class _EpochTimer(L.Callback):
+    def on_train_epoch_start(self, *args: object) -> None:
+        self.start = time.perf_counter()
+
+    def on_train_epoch_end(self, *args: object) -> None:
+        self.seconds = time.perf_counter() - self.start
+
+
+def _stream(root: str | None, num_tasks: int = 1) -> PermutedStream:
+    dm = PermutedStream(num_tasks=num_tasks, root=root, download=False, seed=0)
+    dm.prepare_data()
+    dm.setup("fit")
+    return dm
+
+
+def lightning_epoch(dm: PermutedStream, method: L.Callback, out: Path) -> float:
+    """Seconds of one training epoch through the default Lightning path (progress bar and TensorBoard on)."""
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    torch.manual_seed(0)
+    net = MLP((1, 28, 28), 10)
+    module = ContinualClassifier(net, functools.partial(torch.optim.SGD, lr=0.1), dm.num_tasks, 10)
+    timer = _EpochTimer()
+    trainer_factory = functools.partial(
+        L.Trainer, accelerator="cpu", devices=1, limit_val_batches=0, enable_model_summary=False
+    )
+    trainer, _ = stream_trainer(
+        dm, out, trainer=trainer_factory, callbacks=[method, timer], logger=TensorBoardLogger(str(out), name="tb")
+    )
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        trainer.fit(module, datamodule=dm)
+    return timer.seconds
+
+
+def minimal_epoch(make_batch: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]], n: int) -> float:
+    """A minimal PyTorch loop: same model, optimizer, batch size and number of steps."""
+    torch.manual_seed(0)
+    net = MLP((1, 28, 28), 10)
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(0))
+    start = time.perf_counter()
+    for idx in order.split(128):
+        x, y = make_batch(idx)
+        loss = F.cross_entropy(net(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return time.perf_counter() - start
+
+
+class _Batches:
+    """An iterable of pre-made batches (a plain list would be taken for a list of loaders)."""
+
+    def __init__(self, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        self.batches = batches
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+class _Bare(L.LightningModule):
+    """The least a LightningModule can be: Lightning's own per-step cost, for reference."""
+
+    def __init__(self, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        super().__init__()
+        self.net = MLP((1, 28, 28), 10)
+        self.batches = batches
+
+    def train_dataloader(self) -> _Batches:
+        return _Batches(self.batches)
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        return F.cross_entropy(self.net(batch[0]), batch[1])
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def bare_lightning_epoch(batches: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
+    torch.manual_seed(0)
+    timer = _EpochTimer()
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_epochs=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[timer],
+    )
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        trainer.fit(_Bare(batches))
+    return timer.seconds
+
+
+def ewc_with_one_past_task(dm: PermutedStream) -> EWC:
+    """An EWC callback holding one consolidated task (random Fisher), so every step pays the penalty."""
+    ewc = EWC(ewc_lambda=60.0)
+    holder = ContinualClassifier(MLP((1, 28, 28), 10), functools.partial(torch.optim.SGD, lr=0.1), dm.num_tasks, 10)
+    params = dict(holder.named_parameters())
+    g = torch.Generator().manual_seed(0)
+    ewc.consolidate({n: torch.rand(p.shape, generator=g) for n, p in params.items()}, params)
+    return ewc
+
+
+def section_train(root: str | None, repeats: int) -> None:
+    print("\n[train] one epoch of permuted MNIST, MLP 2 x 400, batch 128, SGD", flush=True)
+    dm = _stream(root)
+    data = dm.train_data(0)
+    assert dm.transform is not None
+    transform = dm.transform
+    images, labels, n = data.images, data.labels, len(data)
+    task = torch.zeros(n, dtype=torch.long)
+    premade = transform(images, task, 0).contiguous()  # the whole task as standardised floats, made once
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(0))
+    batches = [(premade.index_select(0, i), labels.index_select(0, i)) for i in order.split(128)]
+    tmp = Path(tempfile.mkdtemp(prefix="lifelong-bench-"))
+    res = timed(
+        {
+            "same": lambda: minimal_epoch(
+                lambda i: (transform(images.index_select(0, i), task[: len(i)], 0), labels.index_select(0, i)), n
+            ),
+            "premade": lambda: minimal_epoch(lambda i: (premade.index_select(0, i), labels.index_select(0, i)), n),
+            "bare": lambda: bare_lightning_epoch(batches),
+            "lightning": lambda: lightning_epoch(dm, Finetune(), tmp / "ft"),
+            "ewc": lambda: lightning_epoch(dm, ewc_with_one_past_task(dm), tmp / "ewc"),
+        },
+        repeats,
+    )
+    row("train", "minimal loop, the same uint8 tensors and batch transform", fmt(res["same"]))
+    row("train", "minimal loop, pre-made float tensors (the floor)", fmt(res["premade"]))
+    row("train", "bare LightningModule on pre-made batches (Lightning's own cost)", fmt(res["bare"]))
+    row("train", "lifelong epoch, fine-tuning (progress bar, TensorBoard)", fmt(res["lightning"]))
+    row("train", "lifelong epoch, EWC with a consolidated task", fmt(res["ewc"]))
+    best = {k: v[0] for k, v in res.items()}
+    row("train", "lifelong / minimal loop on the same tensors", f"{best['lightning'] / best['same']:.2f}x", "<= 1.30x")
+    row("train", "lifelong / pre-made floats", f"{best['lightning'] / best['premade']:.2f}x")
+    row("train", "bare Lightning / pre-made floats", f"{best['bare'] / best['premade']:.2f}x")
+    extra = best["ewc"] / best["lightning"] - 1
+    row("train", "EWC step overhead over fine-tuning", f"{100 * extra:+.1f} %", "<= +15 %")
+
+
+# ---- Fisher --------------------------------------------------------------------------------------------
+def _fisher_case(
+    name: str, net: nn.Module, x: torch.Tensor, y: torch.Tensor, loop_n: dict[str, int], batch: int, repeats: int
+) -> None:
+    t = torch.zeros(len(y), dtype=torch.long)
+
+    def batches(n: int, size: int = batch) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        return [(x[i : min(i + size, n)], y[i : min(i + size, n)], t[i : min(i + size, n)]) for i in range(0, n, size)]
+
+    n = len(y)
+    full = batches(n)
+    opt = torch.optim.SGD(net.parameters(), lr=0.01)
+
+    def epoch() -> None:
+        for xb, yb, _ in batches(n, 128):
+            loss = F.cross_entropy(net(xb), yb)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+
+    ep = timed({"epoch": epoch}, max(1, repeats - 1))["epoch"]
+    row("fisher", f"{name}: one training epoch over {n:,} images (minimal loop)", fmt(ep))
+
+    def gen() -> torch.Generator:
+        return torch.Generator().manual_seed(0)
+
+    for ftype in ("empirical", "sampled", "exact"):
+        fast = timed({"f": lambda ft=ftype: fisher_sums(net, full, ft, generator=gen())}, max(1, repeats - 1))["f"]
+        m = loop_n[ftype]
+        sub = batches(m)
+        t0 = time.perf_counter()
+        ref = per_sample_loop_fisher(net, sub, ftype, generator=gen()).mean()
+        loop_full = (time.perf_counter() - t0) * n / m
+        got = fisher_sums(net, sub, ftype, generator=gen()).mean()
+        err = max(((got[k] - ref[k]).norm() / ref[k].norm()).item() for k in ref)
+        budget = 11 if ftype == "exact" else 2  # C + 1 epochs for the exact type, C = 10
+        row("fisher", f"{name} {ftype}: vectorised, all {n:,} images", fmt(fast))
+        row("fisher", f"{name} {ftype}: per-sample loop (on {m}, scaled to {n:,})", f"{loop_full:.1f} s")
+        row("fisher", f"{name} {ftype}: speed-up over the loop", f"{loop_full / fast[0]:.0f}x", ">= 50x")
+        row("fisher", f"{name} {ftype}: cost in training epochs", f"{fast[0] / ep[0]:.2f}", f"<= {budget}")
+        row("fisher", f"{name} {ftype}: relative error vs the loop", f"{err:.1e}", "< 1e-5")
+
+
+def section_fisher(root: str | None, repeats: int, cnn_images: int) -> None:
+    print("\n[fisher] exact per-sample diagonal Fisher", flush=True)
+    dm = _stream(root)
+    data = dm.train_data(0)
+    x = dm.transform(data.images, data.tasks, 0)
+    torch.manual_seed(0)
+    _fisher_case(
+        "MLP 2x400",
+        MLP((1, 28, 28), 10),
+        x,
+        data.labels,
+        {"empirical": 300, "sampled": 300, "exact": 60},
+        1024,
+        repeats,
+    )
+    _fisher_case(
+        "CNN",
+        CNN((1, 28, 28), 10),
+        x[:cnn_images],
+        data.labels[:cnn_images],
+        {"empirical": 100, "sampled": 100, "exact": 20},
+        256,
+        repeats,
+    )
+
+
+# ---- many tasks ----------------------------------------------------------------------------------------
+def section_tasks(repeats: int) -> None:
+    print("\n[tasks] separate-mode EWC after 1, 10 and 50 past tasks (MLP 2 x 400, batch 128)", flush=True)
+    torch.manual_seed(0)
+    module = ContinualClassifier(MLP((1, 28, 28), 10), functools.partial(torch.optim.SGD, lr=0.1), 1, 10)
+    opt = torch.optim.SGD(module.parameters(), lr=0.1)
+    params = dict(module.named_parameters())
+    x, y = torch.randn(128, 1, 28, 28), torch.randint(0, 10, (128,))
+    g = torch.Generator().manual_seed(0)
+    ewcs = {}
+    for k in (1, 10, 50):
+        ewc = EWC()
+        for _ in range(k):
+            ewc.consolidate({n: torch.rand(p.shape, generator=g) for n, p in params.items()}, params)
+        ewcs[k] = ewc
+
+    def steps(ewc: EWC) -> float:
+        start = time.perf_counter()
+        for _ in range(200):
+            loss = F.cross_entropy(module(x), y)
+            opt.zero_grad()
+            loss.backward()
+            ewc.add_penalty_grad(module)
+            opt.step()
+        return (time.perf_counter() - start) / 200
+
+    res = timed({k: functools.partial(steps, e) for k, e in ewcs.items()}, repeats)
+    for k, ewc in ewcs.items():
+        state = ewc.state_dict()
+        nbytes = sum(t.numel() * t.element_size() for d in ("importance", "anchor") for t in state[d].values())
+        row("tasks", f"{k} past tasks: training step with the penalty", fmt((res[k][0] * 1e3, res[k][1] * 1e3), "ms"))
+        row("tasks", f"{k} past tasks: EWC state", f"{nbytes / 2**20:.2f} MiB")
+    growth = res[50][0] / res[1][0]
+    row("tasks", "step time at 50 past tasks / at 1", f"{growth:.2f}x", "~1.00x (no growth)")
+
+
+# ---- end to end ----------------------------------------------------------------------------------------
+_RUSAGE = (
+    "import resource, subprocess, sys, time; t = time.perf_counter(); "
+    "rc = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).returncode; "
+    "print(rc, time.perf_counter() - t, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)"
+)
+
+
+def measure_command(cmd: list[str]) -> tuple[float, float]:
+    """Wall seconds and peak resident MiB of ``cmd`` (run under a fresh wrapper so the peak is its own)."""
+    out = subprocess.run([sys.executable, "-c", _RUSAGE, *cmd], capture_output=True, text=True, check=True)
+    rc, seconds, kib = out.stdout.split()
+    if rc != "0":
+        raise RuntimeError(f"{' '.join(cmd)} exited with {rc}")
+    return float(seconds), int(kib) / 1024
+
+
+def section_e2e(root: str | None, tasks: int) -> None:
+    print(f"\n[e2e] EWC on permuted MNIST, {tasks} tasks x 1 epoch, Adam, whole protocol", flush=True)
+    out = Path(tempfile.mkdtemp(prefix="lifelong-e2e-"))
+    ours = [
+        sys.executable,
+        str(REPO / "train.py"),
+        "method=ewc",
+        "dataset=permuted_mnist",
+        f"dataset.num_tasks={tasks}",
+        "epochs_per_task=1",
+        f"hydra.run.dir={out / 'ours'}",
+    ] + ([f"dataset.root={root}"] if root else [])
+    wall, rss = measure_command(ours)
+    acc = json.loads((out / "ours" / "metrics.json").read_text())["avg_accuracy"]
+    base = [sys.executable, __file__, "--pipeline-baseline", str(tasks), "--out", str(out / "baseline.json")]
+    base += ["--data-root", root] if root else []
+    wall_b, rss_b = measure_command(base)
+    acc_b = json.loads((out / "baseline.json").read_text())["avg_accuracy"]
+    row("e2e", "train.py (this project): wall time", f"{wall:.1f} s")
+    row("e2e", "train.py (this project): peak resident memory", f"{rss / 1024:.2f} GiB", "<= 1.5 GiB")
+    row("e2e", "train.py (this project): average accuracy", f"{100 * acc:.2f} %")
+    row("e2e", "torchvision DataLoader pipeline: wall time", f"{wall_b:.1f} s")
+    row("e2e", "torchvision DataLoader pipeline: peak resident memory", f"{rss_b / 1024:.2f} GiB")
+    row("e2e", "torchvision DataLoader pipeline: average accuracy", f"{100 * acc_b:.2f} %")
+    row("e2e", "speed-up of this project over the pipeline", f"{wall_b / wall:.1f}x")
+
+
+def pipeline_baseline(tasks: int, root: str | None, out: str) -> None:
+    """The same protocol as train.py's default, written the usual way: torchvision transforms per sample.
+
+    Same model (MLP 2 x 400), optimizer (Adam 1e-3, state reset per task), batch size, permutations, EWC
+    (lambda 60 in the lambda/2 form, empirical Fisher over the whole task, the same vectorised estimator)
+    and evaluation (every task's test set after every task): only the data path differs.
+    """
+    from torch.utils.data import DataLoader
+    from torchvision import datasets, transforms
+
+    from lifelong.data.sources import _locate
+    from lifelong.metrics import average_accuracy
+
+    torch.manual_seed(0)
+    found, _ = _locate("mnist", root)
+    assert found is not None, "MNIST not found"
+    g = torch.Generator().manual_seed(0)
+    perms = [torch.randperm(784, generator=g) for _ in range(tasks)]
+
+    def pipeline(perm: torch.Tensor) -> transforms.Compose:
+        return transforms.Compose(
+            [
+                transforms.ToTensor(),
+                transforms.Normalize((0.1307,), (0.3081,)),
+                transforms.Lambda(lambda img: img.view(-1)[perm].view(1, 28, 28)),
+            ]
+        )
+
+    def loader(train: bool, perm: torch.Tensor, shuffle: bool, batch: int) -> DataLoader:
+        ds = datasets.MNIST(str(found), train=train, transform=pipeline(perm), download=False)
+        return DataLoader(ds, batch_size=batch, shuffle=shuffle)
+
+    net = MLP((1, 28, 28), 10)
+    ewc = EWC(ewc_lambda=60.0)
+    matrix = []
+    for task in range(tasks):
+        opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+        net.train()
+        for x, y in loader(True, perms[task], True, 128):
+            loss = F.cross_entropy(net(x), y)
+            opt.zero_grad()
+            loss.backward()
+            if ewc._num_consolidated:
+                ewc.add_penalty_grad(net)
+            opt.step()
+        net.eval()
+        row_acc = []
+        with torch.no_grad():
+            for j in range(tasks):
+                correct = total = 0
+                for x, y in loader(False, perms[j], False, 1024):
+                    correct += (net(x).argmax(-1) == y).sum().item()
+                    total += len(y)
+                row_acc.append(correct / total)
+        matrix.append(row_acc)
+        if task < tasks - 1:
+            fisher_batches = ((x, y, torch.zeros_like(y)) for x, y in loader(True, perms[task], False, 1024))
+            sums = fisher_sums(net, fisher_batches, "empirical")
+            params = dict(net.named_parameters())
+            ewc.consolidate(sums.mean(), params)
+    Path(out).write_text(json.dumps({"accuracy_matrix": matrix, "avg_accuracy": average_accuracy(matrix)}))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sections", nargs="+", default=["train", "fisher", "tasks", "e2e"])
+    parser.add_argument("--data-root", default=os.environ.get("LIFELONG_DATA_DIR") or None)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--e2e-tasks", type=int, default=10)
+    parser.add_argument("--cnn-images", type=int, default=5000)
+    parser.add_argument("--json", help="also write the table here")
+    parser.add_argument("--pipeline-baseline", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--out", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    warnings.filterwarnings("ignore")
+    if args.pipeline_baseline:
+        pipeline_baseline(args.pipeline_baseline, args.data_root, args.out)
+        return
+    print(
+        f"lifelong benchmark: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
+        f"torch {torch.__version__} ({torch.get_num_threads()} threads), lightning {L.__version__}, "
+        f"cuda {'yes: ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'no'}"
+    )
+    if "train" in args.sections:
+        section_train(args.data_root, args.repeats)
+    if "fisher" in args.sections:
+        section_fisher(args.data_root, args.repeats, args.cnn_images)
+    if "tasks" in args.sections:
+        section_tasks(args.repeats)
+    if "e2e" in args.sections:
+        section_e2e(args.data_root, args.e2e_tasks)
+    print("\n| section | measure | value | target |\n| --- | --- | --- | --- |")
+    for r in ROWS:
+        print("| " + " | ".join(r) + " |")
+    if args.json:
+        Path(args.json).write_text(json.dumps(ROWS, indent=1))
+
+
+if __name__ == "__main__":
+    main()

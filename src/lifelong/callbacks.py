@@ -1,0 +1,129 @@
+"""Callbacks every stream run uses: a task-aware progress bar and the writer of the run's results."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import TQDMProgressBar
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_only
+from typing_extensions import override
+
+from lifelong.data.streams import stream_of
+from lifelong.metrics.continual import summarize
+from lifelong.metrics.plots import accuracy_curves, accuracy_heatmap
+
+
+class TaskProgressBar(TQDMProgressBar):
+    """Lightning's progress bar, labelled with the task as well as the epoch: ``Task 3/10 · epoch 1/2``.
+
+    Redrawn every ``refresh_rate`` batches (default 10: at hundreds of small steps a second, redrawing at
+    every step costs several percent of the training time).
+    """
+
+    def __init__(self, refresh_rate: int = 10, **kwargs: Any) -> None:
+        super().__init__(refresh_rate=refresh_rate, **kwargs)
+
+    @override
+    def on_train_epoch_start(self, trainer: L.Trainer, *args: Any) -> None:
+        super().on_train_epoch_start(trainer, *args)
+        dm = stream_of(trainer)
+        epoch = trainer.current_epoch
+        task = dm.task_of_epoch(epoch)
+        self.train_progress_bar.set_description(
+            f"Task {task + 1}/{dm.num_tasks} · epoch {epoch % dm.epochs_per_task + 1}/{dm.epochs_per_task}"
+        )
+
+
+def _num(x: float | None) -> float | None:
+    return None if x is None or math.isnan(x) else round(float(x), 6)
+
+
+class StreamReport(L.Callback):
+    """Writes the run's results when the stream ends (rank 0 only).
+
+    Files in ``output_dir``: ``metrics.json`` (the output contract of the README), ``accuracy_matrix.csv``,
+    ``accuracy_matrix.png`` (heatmap) and ``accuracy_curves.png`` (each task's accuracy along the stream);
+    in TensorBoard, both figures and ``test/avg_acc``, ``test/bwt``, ``test/forgetting``.
+
+    Args:
+        output_dir: the run's folder.
+        info: identifying fields for ``metrics.json`` (``method``, ``dataset``, ``seed``, ...).
+    """
+
+    def __init__(self, output_dir: str | Path, info: dict[str, Any] | None = None) -> None:
+        self.output_dir = Path(output_dir)
+        self.info = dict(info or {})
+        self._start = 0.0
+        self.metrics: dict[str, Any] = {}
+
+    @override
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._start = time.perf_counter()
+
+    @override
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        rows: torch.Tensor = pl_module.completed_rows().cpu()  # type: ignore[operator]
+        dm = stream_of(trainer)
+        self.metrics = {
+            "accuracy_matrix": [[round(v, 6) for v in row] for row in rows.tolist()],
+            **({k: _num(v) for k, v in summarize(rows).items()} if len(rows) else {}),
+            "num_tasks": dm.num_tasks,
+            "tasks_completed": len(rows),
+            **self.info,
+            "wall_time_s": round(time.perf_counter() - self._start, 3),
+            "stream": dm.describe(),
+        }
+        self._write(trainer, rows)
+
+    @rank_zero_only
+    def _write(self, trainer: L.Trainer, rows: torch.Tensor) -> None:
+        out = self.output_dir
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "metrics.json").write_text(json.dumps(self.metrics, indent=2) + "\n")
+        with open(out / "accuracy_matrix.csv", "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["after_task", *[f"task_{j + 1}" for j in range(rows.shape[1])]])
+            for i, row in enumerate(rows.tolist()):
+                writer.writerow([i + 1, *[f"{v:.6f}" for v in row]])
+        title = f"{self.info.get('method', '')} on {self.info.get('dataset', '')}".strip()
+        tb = next((lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)), None)
+        step = trainer.global_step
+        for name, make in (("accuracy_matrix", accuracy_heatmap), ("accuracy_curves", accuracy_curves)):
+            fig = make(rows, title)
+            fig.savefig(out / f"{name}.png")
+            if tb is not None:
+                tb.experiment.add_figure(name, fig, global_step=step, close=False)
+            fig.clf()
+        if tb is not None:
+            for key in ("avg_accuracy", "bwt", "forgetting"):
+                if self.metrics.get(key) is not None:
+                    tb.experiment.add_scalar(f"test/{key}", self.metrics[key], step)
+            tb.experiment.flush()
+        _print_summary(self.metrics, out)
+
+
+def _print_summary(metrics: dict[str, Any], out: Path) -> None:
+    rows = metrics["accuracy_matrix"]
+    width = max(len(r) for r in rows) if rows else 0
+    lines = ["", "Accuracy matrix (row i: after training task i; column j: test accuracy on task j, %)"]
+    lines.append("        " + "".join(f"{'T' + str(j + 1):>7}" for j in range(width)))
+    for i, row in enumerate(rows):
+        lines.append(f"after {i + 1:<2}" + "".join(f"{100 * v:7.2f}" for v in row))
+
+    def fmt(key: str) -> str:
+        v = metrics.get(key)
+        return "n/a" if v is None else f"{100 * v:.2f}"
+
+    lines.append(
+        f"average accuracy {fmt('avg_accuracy')} %  |  BWT {fmt('bwt')} %  |  forgetting {fmt('forgetting')} %"
+    )
+    lines.append(f"results: {out}")
+    print("\n".join(lines), flush=True)

@@ -1,0 +1,355 @@
+"""The diagonal Fisher information, per sample and exact, in vectorised form.
+
+For a classifier with output distribution p(y | x, theta), the diagonal Fisher of parameter i is
+
+    F_i = 1/N sum_n E_{y ~ q_n} [ (d log p(y | x_n) / d theta_i)^2 ]
+
+with ``q_n`` chosen by ``fisher_type``:
+
+* ``empirical``: the true label (a point mass) - one backward pass per batch;
+* ``sampled``: one label drawn from the model's own p(y | x_n) - one backward pass per batch, an unbiased
+  estimate of the true Fisher;
+* ``exact``: the expectation over all C classes, weighted by p(c | x_n) - C backward passes per batch.
+
+Every term is a *per-sample* squared gradient. Squaring a mini-batch mean gradient instead (as several
+libraries do) is a different, batch-size-dependent quantity, about 1/B of this one for uncorrelated
+samples, which is why lambdas do not transfer between such estimators.
+
+Per-sample gradients come from one batched backward pass: for ``nn.Linear``, the gradient of sample n is
+``g_n a_n^T`` (g: gradient of the loss at the layer's output, a: the layer's input), so the sum of squares
+over the batch is ``(g**2).T @ (a**2)`` (for ``exact``, the weighted ``g**2`` of all C classes are summed
+before that one matmul); for ``nn.Conv2d``, a grouped convolution with one group per sample gives the
+per-sample weight gradients. Any other parameter (and any layer called more than once per forward pass,
+whose per-sample gradient is a sum of terms) falls back to ``torch.func.vmap`` over per-sample gradients,
+which is exact but slower.
+
+The functions here return *sums* over samples and the sample count, so that data-parallel ranks can
+all-reduce both before dividing (the Fisher is then the same on every rank and equal to the single-process
+one).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call, grad, jacrev, vmap
+from torch.nn.grad import conv2d_weight
+
+FisherType = Literal["empirical", "sampled", "exact"]
+FISHER_TYPES: tuple[str, ...] = ("empirical", "sampled", "exact")
+
+Batch = tuple[Tensor, Tensor, Tensor]  # x, y, task
+
+
+def _log_softmax(logits: Tensor) -> Tensor:
+    """Log-probabilities, in at least float32 (half-precision logits are upcast)."""
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        logits = logits.float()
+    return torch.log_softmax(logits, dim=-1)
+
+
+def call_model(model: nn.Module, x: Tensor, task: Tensor) -> Tensor:
+    """Logits of ``model``: called as ``model(x, task)`` if it declares ``takes_task``, else ``model(x)``."""
+    return model(x, task) if getattr(model, "takes_task", False) else model(x)
+
+
+@dataclass
+class FisherSums:
+    """Per-parameter sums of (weighted) squared per-sample gradients, and how many samples they cover."""
+
+    sums: dict[str, Tensor]
+    count: int = 0
+    fast: list[str] = field(default_factory=list)  # parameters done by the batched Linear/Conv2d rule
+    fallback: list[str] = field(default_factory=list)  # parameters done by torch.func
+
+    def mean(self) -> dict[str, Tensor]:
+        if self.count == 0:
+            raise ValueError("the Fisher was estimated on no samples")
+        return {k: v / self.count for k, v in self.sums.items()}
+
+
+def _fast_rule(module: nn.Module) -> bool:
+    if isinstance(module, nn.Linear):
+        return True
+    return (
+        isinstance(module, nn.Conv2d)
+        and module.groups == 1
+        and module.padding_mode == "zeros"
+        and not isinstance(module.padding, str)
+    )
+
+
+_CONV_CHUNK = 32  # samples per grouped convolution: keeps the per-sample gradients (chunk, C_out, K) in cache
+
+
+def _per_sample_sq_grads(module: nn.Module, a: Tensor, g: Tensor, w: Tensor) -> dict[str, Tensor]:
+    """Sum over the batch of ``w_n * (per-sample gradient)**2`` for a Linear or Conv2d layer.
+
+    Args:
+        module: the layer.
+        a: its input, ``(B, ..., in)`` for Linear, ``(B, C_in, H, W)`` for Conv2d.
+        g: gradient of the summed loss at its output (same leading shapes as the output).
+        w: ``(B,)`` per-sample weights (1 for empirical/sampled, p(c|x) for exact).
+    """
+    out: dict[str, Tensor] = {}
+    if isinstance(module, nn.Linear):  # with extra dims (e.g. tokens); (B, in) inputs are done in fisher_sums
+        # a sample's gradient sums over the extra dims before squaring
+        a3, g3 = a.flatten(1, -2), g.flatten(1, -2)  # (B, S, in), (B, S, out)
+        gw = torch.einsum("bso,bsi->boi", g3, a3)  # (B, out, in)
+        out["weight"] = torch.einsum("b,boi->oi", w, gw.square())
+        if module.bias is not None:
+            out["bias"] = torch.einsum("b,bo->o", w, g3.sum(1).square())
+        return out
+    assert isinstance(module, nn.Conv2d) and not isinstance(module.padding, str)
+    # Per-sample weight gradients by one grouped convolution per chunk: the batch becomes the groups, so
+    # the weight gradient of group n is sample n's (the trick of Goodfellow, 2015, as used by Opacus);
+    # several times faster than unfolding the input into patches.
+    c_out, c_in, kh, kw = module.weight.shape
+    weight = torch.zeros_like(module.weight)
+    for start in range(0, a.shape[0], _CONV_CHUNK):
+        ac, gc, wc = (t[start : start + _CONV_CHUNK] for t in (a, g, w))
+        n = ac.shape[0]
+        gw = conv2d_weight(
+            ac.reshape(1, n * c_in, *ac.shape[2:]),
+            (n * c_out, c_in, kh, kw),
+            gc.reshape(1, n * c_out, *gc.shape[2:]),
+            stride=module.stride,
+            padding=module.padding,
+            dilation=module.dilation,
+            groups=n,
+        ).view(n, c_out, c_in, kh, kw)  # per-sample weight gradients
+        weight += torch.einsum("b,boikl->oikl", wc, gw.square_())
+    out["weight"] = weight
+    if module.bias is not None:
+        out["bias"] = torch.einsum("b,bo->o", w, g.sum((2, 3)).square())
+    return out
+
+
+class _Recorder:
+    """Forward hooks that record each fast-rule layer's input and output during one forward pass."""
+
+    def __init__(self, modules: Mapping[str, nn.Module]) -> None:
+        self.records: dict[str, list[tuple[Tensor, Tensor]]] = {name: [] for name in modules}
+        self._handles = [m.register_forward_hook(self._hook(name)) for name, m in modules.items()]
+
+    def _hook(self, name: str):  # type: ignore[no-untyped-def]
+        def hook(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
+            self.records[name].append((inputs[0].detach(), output))
+
+        return hook
+
+    def clear(self) -> None:
+        for v in self.records.values():
+            v.clear()
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+
+
+def _plan(model: nn.Module, params: Mapping[str, nn.Parameter]) -> tuple[dict[str, nn.Module], list[str]]:
+    """Split ``params`` into layers handled by the fast rule and names left to the fallback."""
+    wanted = {id(p): name for name, p in params.items()}
+    owners: dict[int, int] = {}
+    for _, module in model.named_modules():
+        for p in module.parameters(recurse=False):
+            owners[id(p)] = owners.get(id(p), 0) + 1
+    fast: dict[str, nn.Module] = {}
+    covered: set[int] = set()
+    for mname, module in model.named_modules():
+        own = list(module.parameters(recurse=False))
+        if not own or not _fast_rule(module):
+            continue
+        # every parameter of the layer must be wanted and owned by this layer alone (no weight tying)
+        if all(id(p) in wanted and owners[id(p)] == 1 for p in own):
+            fast[mname] = module
+            covered.update(id(p) for p in own)
+    fallback = [name for name, p in params.items() if id(p) not in covered]
+    return fast, fallback
+
+
+def _labels_and_weights(
+    log_probs: Tensor, y: Tensor, fisher_type: str, generator: torch.Generator | None
+) -> list[tuple[Tensor, Tensor]]:
+    """The (labels, per-sample weights) of each backward pass this Fisher type needs."""
+    b, c = log_probs.shape
+    ones = torch.ones(b, device=log_probs.device)
+    if fisher_type == "empirical":
+        return [(y, ones)]
+    if fisher_type == "sampled":
+        probs = log_probs.detach().exp()
+        if generator is not None and generator.device != probs.device:
+            sampled = torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(1).to(probs.device)
+        else:
+            sampled = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+        return [(sampled, ones)]
+    if fisher_type == "exact":
+        probs = log_probs.detach().exp()
+        return [(torch.full((b,), k, device=y.device, dtype=torch.long), probs[:, k]) for k in range(c)]
+    raise ValueError(f"fisher_type must be one of {FISHER_TYPES}, got {fisher_type!r}")
+
+
+def _fallback_batch(
+    model: nn.Module,
+    names: list[str],
+    params: Mapping[str, nn.Parameter],
+    x: Tensor,
+    task: Tensor,
+    passes: list[tuple[Tensor, Tensor]],
+) -> dict[str, Tensor]:
+    """Per-sample squared gradients of ``names`` by ``torch.func`` (vmap over the batch)."""
+    sub = {n: params[n].detach() for n in names}
+
+    def log_probs_one(p: dict[str, Tensor], xi: Tensor, ti: Tensor) -> Tensor:
+        logits = (
+            functional_call(model, p, (xi[None], ti[None]), strict=False)
+            if getattr(model, "takes_task", False)
+            else functional_call(model, p, (xi[None],), strict=False)
+        )
+        return _log_softmax(logits)[0]  # (C,)
+
+    sums = {n: torch.zeros_like(v) for n, v in sub.items()}
+    if len(passes) == 1:  # one label per sample
+        ((labels, weights),) = passes
+
+        def nll(p: dict[str, Tensor], xi: Tensor, ti: Tensor, yi: Tensor) -> Tensor:
+            return -log_probs_one(p, xi, ti).gather(0, yi[None])[0]  # indexing by a tensor breaks vmap
+
+        grads = vmap(grad(nll), in_dims=(None, 0, 0, 0))(sub, x, task, labels)
+        for n, gn in grads.items():
+            sums[n] += torch.einsum("b,b...->...", weights, gn.square())
+    else:  # exact: the Jacobian over all classes, weighted by p(c | x)
+        jac = vmap(jacrev(log_probs_one), in_dims=(None, 0, 0))(sub, x, task)  # (B, C, *shape)
+        probs = torch.stack([w for _, w in passes], dim=1)  # (B, C)
+        for n, jn in jac.items():
+            sums[n] += torch.einsum("bc,bc...->...", probs, jn.square())
+    return sums
+
+
+@torch.no_grad()
+def _zeros(params: Mapping[str, nn.Parameter]) -> dict[str, Tensor]:
+    return {n: torch.zeros_like(p) for n, p in params.items()}
+
+
+def fisher_sums(
+    model: nn.Module,
+    batches: Iterable[Batch],
+    fisher_type: FisherType | str = "empirical",
+    *,
+    params: Mapping[str, nn.Parameter] | None = None,
+    generator: torch.Generator | None = None,
+) -> FisherSums:
+    """Sums over samples of the squared per-sample gradients of the log-likelihood (see module docstring).
+
+    The model is put in eval mode for the estimate (dropout off, batch-norm on running statistics, so
+    samples do not interact) and restored afterwards.
+
+    Args:
+        model: a classifier returning logits (see :func:`call_model` for how it is called).
+        batches: ``(x, y, task)`` batches of the data to estimate on.
+        fisher_type: ``"empirical"``, ``"sampled"`` or ``"exact"``.
+        params: the parameters to estimate, by name; default: all that require grad.
+        generator: random generator for ``sampled`` labels (for reproducibility).
+
+    Returns:
+        :class:`FisherSums`; ``.mean()`` is the diagonal Fisher.
+    """
+    if fisher_type not in FISHER_TYPES:
+        raise ValueError(f"fisher_type must be one of {FISHER_TYPES}, got {fisher_type!r}")
+    if params is None:
+        params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    fast, fallback = _plan(model, params)
+    param_names = {id(p): n for n, p in params.items()}
+    result = FisherSums(_zeros(params))
+    was_training = model.training
+    model.eval()
+    recorder = _Recorder(fast)
+    try:
+        for x, y, task in batches:
+            recorder.clear()
+            with torch.enable_grad():
+                log_probs = _log_softmax(call_model(model, x, task))  # (B, C)
+            passes = _labels_and_weights(log_probs, y, fisher_type, generator)
+            # a layer called more than once per forward pass goes to the fallback from now on
+            for name in [n for n, rec in recorder.records.items() if len(rec) > 1 and n in fast]:
+                module = fast.pop(name)
+                fallback += [param_names[id(p)] for p in module.parameters(recurse=False)]
+            used = [(name, rec[0]) for name, rec in recorder.records.items() if name in fast and rec]
+            outputs = [out for _, (_, out) in used]
+            # Linear layers on (B, in) inputs: sum w * g**2 over the passes first, then one matmul with a**2
+            # (the input does not depend on the label), so `exact` costs C backward passes but one matmul
+            g2_sums: dict[str, Tensor] = {}
+            for i, (labels, weights) in enumerate(passes):
+                if not outputs:
+                    break
+                loss = F.nll_loss(log_probs, labels, reduction="sum")
+                with torch.enable_grad():
+                    grads = torch.autograd.grad(loss, outputs, retain_graph=i < len(passes) - 1, allow_unused=True)
+                for (name, (a, _)), g in zip(used, grads, strict=True):
+                    if g is None:
+                        continue
+                    module = fast[name]
+                    if isinstance(module, nn.Linear) and a.ndim == 2:
+                        g2 = g.detach().square().mul_(weights[:, None])  # (B, out)
+                        g2_sums[name] = g2_sums[name].add_(g2) if name in g2_sums else g2
+                        continue
+                    for pname, s in _per_sample_sq_grads(module, a, g.detach(), weights).items():
+                        result.sums[param_names[id(getattr(module, pname))]] += s
+            for name, g2 in g2_sums.items():
+                module, a = fast[name], recorder.records[name][0][0]
+                result.sums[param_names[id(module.weight)]] += g2.T @ a.square()  # (out, in)
+                if module.bias is not None:
+                    result.sums[param_names[id(module.bias)]] += g2.sum(0)
+            if fallback:
+                for n, s in _fallback_batch(model, fallback, params, x, task, passes).items():
+                    result.sums[n] += s
+            result.count += int(y.shape[0])
+    finally:
+        recorder.remove()
+        model.train(was_training)
+    result.fast = [param_names[id(p)] for m in fast.values() for p in m.parameters(recurse=False)]
+    result.fallback = sorted(set(fallback))
+    return result
+
+
+def per_sample_loop_fisher(
+    model: nn.Module,
+    batches: Iterable[Batch],
+    fisher_type: FisherType | str = "empirical",
+    *,
+    params: Mapping[str, nn.Parameter] | None = None,
+    generator: torch.Generator | None = None,
+) -> FisherSums:
+    """The same sums by the textbook loop: one backward pass per sample (per class for ``exact``).
+
+    Slow by design: it is the reference the vectorised :func:`fisher_sums` is tested and benchmarked
+    against. Sampled labels are drawn batch by batch exactly as :func:`fisher_sums` draws them, so the
+    same generator state gives the same labels.
+    """
+    if params is None:
+        params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    names, tensors = list(params), list(params.values())
+    result = FisherSums(_zeros(params))
+    was_training = model.training
+    model.eval()
+    try:
+        for x, y, task in batches:
+            with torch.no_grad():
+                log_probs = _log_softmax(call_model(model, x, task))
+            passes = _labels_and_weights(log_probs, y, fisher_type, generator)
+            for n in range(x.shape[0]):
+                with torch.enable_grad():
+                    lp = _log_softmax(call_model(model, x[n : n + 1], task[n : n + 1]))[0]
+                    for k, (labels, weights) in enumerate(passes):
+                        gs = torch.autograd.grad(-lp[labels[n]], tensors, retain_graph=k < len(passes) - 1)
+                        for name, g in zip(names, gs, strict=True):
+                            result.sums[name] += weights[n] * g.square()
+            result.count += int(y.shape[0])
+    finally:
+        model.train(was_training)
+    return result

@@ -1,0 +1,5 @@
+"""Accuracy-matrix metrics and plots."""
+
+from lifelong.metrics.continual import average_accuracy, backward_transfer, forgetting, summarize
+
+__all__ = ["average_accuracy", "backward_transfer", "forgetting", "summarize"]

@@ -1,0 +1,98 @@
+"""Running a whole task stream as one Lightning ``fit``."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.loggers import Logger
+
+from lifelong.callbacks import StreamReport, TaskProgressBar
+from lifelong.data.streams import TaskStream
+from lifelong.models.module import ContinualClassifier
+
+TrainerFactory = Callable[..., L.Trainer]
+
+
+def stream_trainer(
+    datamodule: TaskStream,
+    output_dir: str | Path,
+    *,
+    trainer: TrainerFactory = L.Trainer,
+    callbacks: Sequence[Callback] = (),
+    logger: Logger | bool | None = None,
+    info: dict[str, Any] | None = None,
+    progress_bar: bool = True,
+) -> tuple[L.Trainer, StreamReport]:
+    """A Trainer that runs ``datamodule``'s whole stream in one ``fit``.
+
+    The stream fixes what the trainer's clock means, so these arguments are derived here, not configured:
+    ``max_epochs = num_tasks * epochs_per_task``, train loaders reloaded and validation run every
+    ``epochs_per_task`` epochs (validation = testing every task, one row of the accuracy matrix), no sanity
+    validation, and no distributed sampler (the stream's loaders shard themselves across ranks).
+
+    Checkpoints go to ``output_dir/checkpoints``: ``task_<k>.ckpt`` after each task (method state included)
+    and ``last.ckpt`` after every epoch; ``trainer.fit(..., ckpt_path=...)`` resumes the stream from one.
+
+    Args:
+        datamodule: the stream.
+        output_dir: the run's folder (results, checkpoints, TensorBoard events).
+        trainer: ``Trainer`` or a partial of it carrying the hardware settings (accelerator, devices, ...).
+        callbacks: the methods (``ContinualMethod`` callbacks) and any other callbacks.
+        logger: a Lightning logger, or ``False`` for none.
+        info: identifying fields written into ``metrics.json`` (method, dataset, seed, ...).
+        progress_bar: show the task-aware progress bar.
+
+    Returns:
+        The trainer and the report callback (its ``metrics`` hold the results once ``fit`` returns).
+    """
+    out = Path(output_dir)
+    epochs = datamodule.epochs_per_task
+    report = StreamReport(out, info)
+    ckpt_dir = out / "checkpoints"
+    per_task = ModelCheckpoint(
+        dirpath=ckpt_dir,
+        filename="task_{task:.0f}",  # no "=": Hydra overrides such as ckpt_path=... cannot hold one
+        auto_insert_metric_name=False,
+        every_n_epochs=epochs,
+        save_top_k=-1,
+        save_last=epochs == 1,
+        save_on_train_epoch_end=True,
+    )
+    extra: list[Callback] = [report, per_task]
+    if epochs > 1:  # also after every epoch inside a task
+        extra.append(ModelCheckpoint(dirpath=ckpt_dir, save_top_k=0, save_last=True, save_on_train_epoch_end=True))
+    if progress_bar:
+        extra.append(TaskProgressBar())
+    trainer_obj = trainer(
+        max_epochs=datamodule.max_epochs,
+        reload_dataloaders_every_n_epochs=epochs,
+        check_val_every_n_epoch=epochs,
+        num_sanity_val_steps=0,
+        use_distributed_sampler=False,
+        callbacks=[*callbacks, *extra],
+        logger=logger if logger is not None else False,
+        enable_progress_bar=progress_bar,
+        default_root_dir=str(out),
+    )
+    return trainer_obj, report
+
+
+def train_stream(
+    datamodule: TaskStream,
+    module: ContinualClassifier,
+    output_dir: str | Path,
+    *,
+    ckpt_path: str | None = None,
+    **kwargs: Any,
+) -> dict[str, Any]:
+    """Train ``module`` through the whole stream and return the results (also written to ``output_dir``).
+
+    Keyword arguments go to :func:`stream_trainer`.
+    """
+    trainer, report = stream_trainer(datamodule, output_dir, **kwargs)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    return report.metrics

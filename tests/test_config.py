@@ -1,0 +1,61 @@
+"""Every option of every config group composes and instantiates."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from omegaconf import open_dict
+
+from lifelong.data import TaskStream
+from lifelong.methods import ContinualMethod
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+GROUPS = ["dataset", "model", "optimizer", "method", "trainer", "logger"]
+OPTIONS = [(g, p.stem) for g in GROUPS for p in sorted((CONF / g).glob("*.yaml"))]
+NEEDS_GPU = {"gpu", "ddp"}
+
+
+def _compose(tmp_path: Path, overrides: list[str]):
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("train", overrides=overrides, return_hydra_config=True)
+    with open_dict(cfg):
+        cfg.hydra.runtime.output_dir = str(tmp_path)
+    HydraConfig.instance().set_config(cfg)
+    return cfg
+
+
+def test_every_group_has_options():
+    assert {g for g, _ in OPTIONS} == set(GROUPS)
+
+
+@pytest.mark.parametrize(("group", "option"), OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
+def test_option_composes_and_instantiates(tmp_path, group, option):
+    cfg = _compose(tmp_path, [f"{group}={option}"])
+    dm = instantiate(cfg.dataset)
+    assert isinstance(dm, TaskStream)
+    net = instantiate(cfg.model, input_shape=(1, 28, 28), num_classes=10)
+    assert net(torch.zeros(2, 1, 28, 28)).shape == (2, 10)
+    opt = instantiate(cfg.optimizer)(net.parameters())
+    assert isinstance(opt, torch.optim.Optimizer)
+    assert isinstance(instantiate(cfg.method), ContinualMethod)
+    if cfg.get("logger"):
+        instantiate(cfg.logger)
+    trainer = instantiate(cfg.trainer)
+    if option not in NEEDS_GPU or torch.cuda.is_available():
+        assert isinstance(trainer(logger=False, max_epochs=1), L.Trainer)
+
+
+def test_top_level_keys_reach_the_parts(tmp_path):
+    cfg = _compose(tmp_path, ["seed=7", "epochs_per_task=3", "method=online_ewc", "method.ewc_lambda=5"])
+    dm = instantiate(cfg.dataset)
+    assert (dm.seed, dm.epochs_per_task) == (7, 3)
+    ewc = instantiate(cfg.method)
+    assert (ewc.mode, ewc.ewc_lambda) == ("online", 5.0)

@@ -1,0 +1,139 @@
+"""End-to-end runs of train.py on real data (short streams)."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import run_train
+
+QUIET = ["trainer.enable_progress_bar=false"]
+
+
+def _metrics(run_dir: Path) -> dict:
+    return json.loads((run_dir / "metrics.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def fashion_runs(tmp_path_factory, fashion_available):
+    """EWC and fine-tuning on real permuted Fashion-MNIST, 3 tasks x 1 epoch, same seed (full data)."""
+    base = tmp_path_factory.mktemp("fashion")
+    runs = {}
+    for method in ("finetune", "ewc"):
+        args = [f"method={method}", "dataset=permuted_fashion_mnist", "dataset.num_tasks=3", "epochs_per_task=1"]
+        proc = run_train([*args, "seed=0", *QUIET], base / method)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        runs[method] = (base / method, proc)
+    return runs
+
+
+@pytest.mark.integration
+def test_ewc_forgets_less_than_finetuning(fashion_runs):
+    ewc, ft = (_metrics(fashion_runs[m][0]) for m in ("ewc", "finetune"))
+    assert ewc["avg_accuracy"] >= ft["avg_accuracy"] + 0.05, (ewc["avg_accuracy"], ft["avg_accuracy"])
+    assert ewc["bwt"] > ft["bwt"]
+    # fine-tuning does forget on this stream: task 1 drops by more than 10 points
+    assert ft["accuracy_matrix"][2][0] < ft["accuracy_matrix"][0][0] - 0.10
+
+
+@pytest.mark.integration
+def test_run_folder_holds_the_output_contract(fashion_runs):
+    run_dir, proc = fashion_runs["ewc"]
+    m = _metrics(run_dir)
+    r = m["accuracy_matrix"]
+    assert len(r) == 3 and all(len(row) == 3 for row in r)
+    assert all(0.0 <= v <= 1.0 for row in r for v in row)
+    assert m["avg_accuracy"] == pytest.approx(sum(r[-1]) / 3, abs=1e-6)
+    assert m["bwt"] == pytest.approx(((r[2][0] - r[0][0]) + (r[2][1] - r[1][1])) / 2, abs=1e-6)
+    for key, value in {"num_tasks": 3, "method": "ewc", "dataset": "permuted_fashion_mnist", "seed": 0}.items():
+        assert m[key] == value
+    assert m["wall_time_s"] > 0 and "forgetting" in m
+    with open(run_dir / "accuracy_matrix.csv") as f:
+        rows = list(csv.reader(f))
+    assert rows[0] == ["after_task", "task_1", "task_2", "task_3"]
+    assert [float(v) for v in rows[3][1:]] == pytest.approx(r[2], abs=1e-6)
+    for png in ("accuracy_matrix.png", "accuracy_curves.png"):
+        assert (run_dir / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (run_dir / ".hydra" / "config.yaml").is_file()
+    assert "Accuracy matrix" in proc.stdout and "average accuracy" in proc.stdout
+    # TensorBoard: scalars per task and the heatmap as an image
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir / "tensorboard")).Reload()
+    tags = events.Tags()
+    assert {"train/loss", "train/ewc_penalty", "val/acc/task_1", "val/acc/task_3"} <= set(tags["scalars"])
+    assert "accuracy_matrix" in tags["images"]
+    # a checkpoint per task, with the EWC state and the stream's permutations in it
+    ckpts = sorted(p.name for p in (run_dir / "checkpoints").glob("*.ckpt"))
+    assert ckpts == ["last.ckpt", "task_1.ckpt", "task_2.ckpt", "task_3.ckpt"]
+    ckpt = torch.load(run_dir / "checkpoints" / "task_2.ckpt", map_location="cpu", weights_only=False)
+    (ewc_state,) = [v for k, v in ckpt["callbacks"].items() if k.startswith("EWC")]
+    assert ewc_state["num_consolidated"] == 2
+    assert ckpt["PermutedStream"]["permutations"].shape == (3, 784)
+    assert torch.isnan(ckpt["state_dict"]["accuracy_matrix"][2]).all()
+
+
+@pytest.mark.integration
+def test_default_stream_prints_the_matrix(tmp_path, mnist_root):
+    args = [f"dataset.root={mnist_root}", "dataset.num_tasks=2", "dataset.max_train_samples=5000", *QUIET]
+    proc = run_train(args, tmp_path / "run")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Accuracy matrix" in proc.stdout and "average accuracy" in proc.stdout
+    m = _metrics(tmp_path / "run")
+    assert (m["method"], m["dataset"]) == ("ewc", "permuted_mnist")
+    assert m["accuracy_matrix"][0][0] > 0.85  # MNIST after 5,000 samples with the 2 x 400 MLP
+
+
+@pytest.mark.integration
+def test_joint_keeps_old_tasks(tmp_path, mnist_root):
+    args = ["method=joint", f"dataset.root={mnist_root}", "dataset.num_tasks=2", "dataset.max_train_samples=5000"]
+    proc = run_train([*args, "logger=none", *QUIET], tmp_path / "run")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = _metrics(tmp_path / "run")["accuracy_matrix"]
+    assert r[1][0] > r[0][0] - 0.02  # trained again on task 1's data: nothing forgotten
+
+
+@pytest.mark.integration
+def test_missing_data_fails_clearly(tmp_path):
+    args = ["dataset.root=" + str(tmp_path / "empty"), "dataset.download=false", *QUIET]
+    proc = run_train(args, tmp_path / "run", env={"LIFELONG_DATA_DIR": ""})
+    assert proc.returncode == 2
+    assert "MNIST was not found" in proc.stderr and str(tmp_path / "empty") in proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout
+
+
+@pytest.mark.integration
+def test_resumed_stream_ends_where_the_uninterrupted_one_does(tmp_path, mnist_root):
+    """Stop after task 1 of 3 (its checkpoint), resume in a new process: same matrix, same EWC state."""
+    args = [
+        f"dataset.root={mnist_root}",
+        "dataset.num_tasks=3",
+        "dataset.max_train_samples=3000",
+        "dataset.max_test_samples=2000",
+        "method.fisher_type=sampled",  # the Fisher's own randomness must resume too
+        "logger=none",
+        *QUIET,
+    ]
+    full = run_train(args, tmp_path / "full")
+    assert full.returncode == 0, full.stderr[-3000:]
+    ckpt = tmp_path / "full" / "checkpoints" / "task_1.ckpt"
+    resumed = run_train([*args, f"ckpt_path={ckpt}"], tmp_path / "resumed")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    a, b = _metrics(tmp_path / "full"), _metrics(tmp_path / "resumed")
+    assert b["accuracy_matrix"] == a["accuracy_matrix"]
+    state = [
+        torch.load(d / "checkpoints" / "task_2.ckpt", map_location="cpu", weights_only=False)
+        for d in (tmp_path / "full", tmp_path / "resumed")
+    ]
+    ewc = [next(v for k, v in s["callbacks"].items() if k.startswith("EWC")) for s in state]
+    for name, omega in ewc[0]["importance"].items():
+        assert torch.equal(omega, ewc[1]["importance"][name])
+        assert torch.equal(ewc[0]["anchor"][name], ewc[1]["anchor"][name])
+    # a checkpoint of another stream is refused
+    other = run_train([*args, "seed=1", f"ckpt_path={ckpt}"], tmp_path / "other")
+    assert other.returncode == 2 and "different task stream" in other.stderr
+    assert "Traceback" not in other.stderr

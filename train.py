@@ -1,0 +1,105 @@
+"""Train a network through a task stream: ``python train.py method=ewc dataset=permuted_mnist``.
+
+A thin Hydra entry point: it composes the config (conf/), instantiates the parts and hands them to
+:func:`lifelong.train_stream`. Only this file knows about Hydra; the library takes plain values.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning as L
+from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from lifelong import train_stream
+from lifelong.errors import LifelongError
+from lifelong.models import ContinualClassifier
+
+
+def _fail(message: str) -> None:
+    print(f"\nerror: {message}", file=sys.stderr, flush=True)
+    sys.exit(2)
+
+
+def _root_cause(err: BaseException) -> BaseException:
+    while isinstance(err, InstantiationException) and err.__cause__ is not None:
+        err = err.__cause__
+    return err
+
+
+def _checkpoint_to_resume(cfg: DictConfig, output_dir: Path) -> str | None:
+    """``ckpt_path`` if given (it must exist), else with ``resume=true`` the run folder's last checkpoint."""
+    if cfg.ckpt_path is not None:
+        if not Path(cfg.ckpt_path).is_file():
+            _fail(f"ckpt_path={cfg.ckpt_path} is not a file. Point it at a checkpoint, e.g. RUN/checkpoints/last.ckpt")
+        return str(cfg.ckpt_path)
+    if cfg.resume:
+        last = output_dir / "checkpoints" / "last.ckpt"
+        if last.is_file():
+            print(f"resume=true: resuming the stream from {last}", flush=True)
+            return str(last)
+        print(f"resume=true: no checkpoint in {last.parent} yet, starting the stream from the beginning", flush=True)
+    return None
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    hc = HydraConfig.get()
+    choices = hc.runtime.choices
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    try:
+        datamodule = instantiate(cfg.dataset)
+        datamodule.prepare_data()
+        datamodule.setup("fit")  # loads the data now: a missing file fails before anything else starts
+        net = instantiate(cfg.model, input_shape=datamodule.input_shape, num_classes=datamodule.num_classes)
+        module = ContinualClassifier(
+            net,
+            instantiate(cfg.optimizer),
+            num_tasks=datamodule.num_tasks,
+            num_classes=datamodule.num_classes,
+            reset_optimizer=cfg.reset_optimizer,
+        )
+        method = instantiate(cfg.method)
+        logger = instantiate(cfg.logger) if cfg.get("logger") else False
+        trainer = instantiate(cfg.trainer)
+    except (LifelongError, ValueError, TypeError, InstantiationException) as err:
+        # a wrong value or missing data: one message, no traceback from inside the library
+        cause = _root_cause(err)
+        _fail(str(cause) if isinstance(cause, (LifelongError, ValueError)) else str(err))
+        return None
+    info: dict[str, Any] = {
+        "method": choices.get("method"),
+        "dataset": choices.get("dataset"),
+        "model": choices.get("model"),
+        "optimizer": choices.get("optimizer"),
+        "seed": cfg.seed,
+        "epochs_per_task": cfg.epochs_per_task,
+        "config": OmegaConf.to_container(cfg, resolve=True),
+    }
+    ckpt_path = _checkpoint_to_resume(cfg, Path(hc.runtime.output_dir))
+    try:
+        metrics = train_stream(
+            datamodule,
+            module,
+            hc.runtime.output_dir,
+            trainer=trainer,
+            callbacks=[method],
+            logger=logger,
+            info=info,
+            ckpt_path=ckpt_path,
+            progress_bar=cfg.trainer.get("enable_progress_bar", True),
+        )
+    except LifelongError as err:  # e.g. a checkpoint of another run
+        _fail(str(err))
+        return None
+    return metrics.get("avg_accuracy")  # what an Optuna sweep maximises
+
+
+if __name__ == "__main__":
+    main()
