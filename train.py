@@ -6,6 +6,7 @@ A thin Hydra entry point: it composes the config (conf/), instantiates the parts
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -101,5 +102,23 @@ def main(cfg: DictConfig) -> float | None:
     return metrics.get("avg_accuracy")  # what an Optuna sweep maximises
 
 
+def _check_output_folder(argv: list[str]) -> None:
+    """Refuse an output folder that cannot be created before Hydra tries (its error is a bare traceback)."""
+    sweep = "-m" in argv or "--multirun" in argv
+    key = "hydra.sweep.dir=" if sweep else "hydra.run.dir="
+    given = [a[len(key) :] for a in argv if a.startswith(key)]
+    folder = Path(given[-1].strip("'\"")) if given else Path("multirun" if sweep else "outputs")
+    existing = folder.absolute()
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK):
+        what = "is not a folder" if not existing.is_dir() else "is not writable"
+        _fail(
+            f"cannot write the run's outputs to {folder}: {existing} {what}. "
+            f"Choose another folder with {key}DIR (or run from a writable working directory)."
+        )
+
+
 if __name__ == "__main__":
+    _check_output_folder(sys.argv[1:])
     main()

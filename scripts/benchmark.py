@@ -379,12 +379,11 @@ def pipeline_baseline(tasks: int, root: str | None, out: str) -> None:
     from torch.utils.data import DataLoader
     from torchvision import datasets, transforms
 
-    from lifelong.data.sources import _locate
+    from lifelong.data import find_image_dataset
     from lifelong.metrics import average_accuracy
 
     torch.manual_seed(0)
-    found, _ = _locate("mnist", root)
-    assert found is not None, "MNIST not found"
+    found = find_image_dataset("mnist", root, download=False)
     g = torch.Generator().manual_seed(0)
     perms = [torch.randperm(784, generator=g) for _ in range(tasks)]
 

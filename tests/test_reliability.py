@@ -53,6 +53,10 @@ def test_killed_run_resumes_to_the_same_result(tmp_path, mnist_root):
     ]
     for a, b in zip(*(c["state_dict"].values() for c in ckpts), strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)  # bit for bit
+    ewc = [next(v for k, v in c["callbacks"].items() if k.startswith("EWC")) for c in ckpts]
+    for key in ("importance", "anchor"):
+        for name, t in ewc[0][key].items():
+            assert torch.equal(t, ewc[1][key][name]), (key, name)
 
 
 @pytest.mark.integration
@@ -107,6 +111,16 @@ def test_bad_input_fails_early_and_clearly(tmp_path, mnist_root, overrides, code
         assert phrase in proc.stderr, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "run" / "checkpoints").exists()  # failed before any training
+
+
+@pytest.mark.integration
+def test_unwritable_output_folder_is_refused(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    proc = run_train(QUIET, blocker / "run")
+    assert proc.returncode == 2
+    assert "cannot write the run's outputs" in proc.stderr and "hydra.run.dir=DIR" in proc.stderr
+    assert "Traceback" not in proc.stderr
 
 
 @pytest.mark.integration

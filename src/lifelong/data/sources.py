@@ -167,10 +167,8 @@ def _default_cache() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "lifelong" / "data"
 
 
-def load_image_dataset(
-    name: str, root: str | os.PathLike[str] | None = "data", download: bool = True
-) -> tuple[ImageSplit, ImageSplit]:
-    """Load the train and test split of ``name`` as uint8 tensors.
+def find_image_dataset(name: str, root: str | os.PathLike[str] | None = "data", download: bool = True) -> Path:
+    """The folder from which torchvision's class for ``name`` loads: found, decompressed or downloaded.
 
     Args:
         name: one of :data:`SOURCES` (``"mnist"``, ``"fashion_mnist"``).
@@ -180,19 +178,18 @@ def load_image_dataset(
     Raises:
         DataNotFoundError: no local copy, and the download is off or failed; the message lists the folders
             searched and how to provide the files.
-        CorruptDataError: files were found but cannot be read.
     """
     if name not in SOURCES:
         raise ValueError(f"unknown image dataset {name!r}; known: {sorted(SOURCES)}")
     cls = SOURCES[name].cls
     found, searched = _locate(name, root)
     if found is not None:
-        return _load_idx(cls, found)
+        return found
     error: Exception | None = None
     if download and root:
         try:
-            cls(str(Path(root).expanduser()), train=True, download=True)
-            return _load_idx(cls, Path(root).expanduser())
+            cls(str(Path(root).expanduser()), train=True, download=True)  # fetches both splits
+            return Path(root).expanduser()
         except Exception as err:  # network errors come in many types (URLError, HTTPError, OSError...)
             error = err
     lines = "\n  ".join(searched)
@@ -204,3 +201,15 @@ def load_image_dataset(
         f"pass dataset.root=<DIR>, or set {ENV_VAR}=<DIR>"
         + (" (on Debian: apt-get install dataset-fashion-mnist)." if name == "fashion_mnist" else ".")
     )
+
+
+def load_image_dataset(
+    name: str, root: str | os.PathLike[str] | None = "data", download: bool = True
+) -> tuple[ImageSplit, ImageSplit]:
+    """Load the train and test split of ``name`` as uint8 tensors (see :func:`find_image_dataset`).
+
+    Raises:
+        DataNotFoundError: see :func:`find_image_dataset`.
+        CorruptDataError: files were found but cannot be read.
+    """
+    return _load_idx(SOURCES[name].cls, find_image_dataset(name, root, download))

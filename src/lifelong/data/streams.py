@@ -15,7 +15,7 @@ import lightning as L
 import torch
 from typing_extensions import override
 
-from lifelong.data.sources import ImageSplit, load_image_dataset
+from lifelong.data.sources import find_image_dataset, load_image_dataset
 from lifelong.data.tensors import BatchTransform, TaskData, TensorBatchLoader
 from lifelong.errors import ResumeError
 
@@ -103,9 +103,9 @@ class TaskStream(L.LightningDataModule):
 
     def prepare_data(self) -> None:
         """Runs on one process per node: locate, decompress or download the files once."""
-        self._load_files()
+        self._prepare_files()
 
-    def _load_files(self) -> Any:
+    def _prepare_files(self) -> None:
         raise NotImplementedError
 
     def setup(self, stage: str | None = None) -> None:
@@ -270,11 +270,11 @@ class PermutedStream(TaskStream):
         self.first_task_unpermuted = first_task_unpermuted
         self.perms: torch.Tensor | None = None
 
-    def _load_files(self) -> tuple[ImageSplit, ImageSplit]:
-        return load_image_dataset(self.source, self.root, self.download)
+    def _prepare_files(self) -> None:
+        find_image_dataset(self.source, self.root, self.download)
 
     def _build(self) -> None:
-        train, test = self._load_files()
+        train, test = load_image_dataset(self.source, self.root, self.download)
         _, c, h, w = train.images.shape
         self.input_shape = (c, h, w)
         self.num_classes = int(train.labels.max()) + 1
