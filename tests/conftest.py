@@ -55,3 +55,25 @@ def run_train(args: list[str], run_dir: Path, env: dict[str, str] | None = None,
     full_env = {**os.environ, **(env or {})}
     cmd = [sys.executable, str(REPO / "train.py"), *args, f"hydra.run.dir={run_dir}"]
     return subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
+
+
+QUIET = ["trainer.enable_progress_bar=false"]
+
+
+def read_metrics(run_dir: Path) -> dict:
+    """A run folder's metrics.json."""
+    import json
+
+    return json.loads((run_dir / "metrics.json").read_text())
+
+
+def load_checkpoint(path: Path) -> dict:
+    import torch
+
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def ewc_state(checkpoint: dict) -> dict:
+    """The EWC callback's state in a Lightning checkpoint (keyed by the callback's state key)."""
+    (state,) = [v for k, v in checkpoint["callbacks"].items() if k.startswith("EWC")]
+    return state

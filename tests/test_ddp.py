@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import json
 
 import pytest
 import torch
@@ -11,7 +10,7 @@ import torch
 from lifelong.data import PermutedStream
 from lifelong.methods import fisher_sums
 from lifelong.models import MLP, ContinualClassifier
-from tests.conftest import run_train
+from tests.conftest import ewc_state, load_checkpoint, read_metrics, run_train
 
 STREAM = {"num_tasks": 2, "seed": 0, "max_train_samples": 2001, "max_test_samples": 999}  # odd: uneven shards
 
@@ -27,13 +26,13 @@ def test_ddp_fisher_equals_the_single_process_fisher(tmp_path, mnist_root):
     ]
     proc = run_train(args, tmp_path / "run")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    metrics = read_metrics(tmp_path / "run")
     assert len(metrics["accuracy_matrix"]) == 2
     assert metrics["accuracy_matrix"][0][0] > 0.7
 
     # The first consolidation's importance is task 1's Fisher, estimated by two ranks on halves of the data
-    ckpt = torch.load(tmp_path / "run" / "checkpoints" / "task_1.ckpt", map_location="cpu", weights_only=False)
-    (ewc,) = [v for k, v in ckpt["callbacks"].items() if k.startswith("EWC")]
+    ckpt = load_checkpoint(tmp_path / "run" / "checkpoints" / "task_1.ckpt")
+    ewc = ewc_state(ckpt)
     dm = PermutedStream(root=str(mnist_root), download=False, **STREAM)
     dm.prepare_data()
     dm.setup("fit")

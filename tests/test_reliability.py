@@ -2,24 +2,19 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
 
-from tests.conftest import REPO, run_train
+from tests.conftest import QUIET as NO_BAR
+from tests.conftest import REPO, ewc_state, load_checkpoint, read_metrics, run_train
 
-QUIET = ["logger=none", "trainer.enable_progress_bar=false"]
-
-
-def _metrics(run_dir: Path) -> dict:
-    return json.loads((run_dir / "metrics.json").read_text())
+QUIET = ["logger=none", *NO_BAR]
 
 
 @pytest.mark.integration
@@ -46,25 +41,22 @@ def test_killed_run_resumes_to_the_same_result(tmp_path, mnist_root):
     assert "resuming the stream from" in resumed.stdout
     uninterrupted = run_train(args, tmp_path / "uninterrupted")
     assert uninterrupted.returncode == 0, uninterrupted.stderr[-3000:]
-    assert _metrics(run_dir)["accuracy_matrix"] == _metrics(tmp_path / "uninterrupted")["accuracy_matrix"]
-    ckpts = [
-        torch.load(d / "checkpoints" / "task_2.ckpt", map_location="cpu", weights_only=False)
-        for d in (run_dir, tmp_path / "uninterrupted")
-    ]
+    assert read_metrics(run_dir)["accuracy_matrix"] == read_metrics(tmp_path / "uninterrupted")["accuracy_matrix"]
+    ckpts = [load_checkpoint(d / "checkpoints" / "task_2.ckpt") for d in (run_dir, tmp_path / "uninterrupted")]
     for a, b in zip(*(c["state_dict"].values() for c in ckpts), strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)  # bit for bit
-    ewc = [next(v for k, v in c["callbacks"].items() if k.startswith("EWC")) for c in ckpts]
+    ewc = [ewc_state(c) for c in ckpts]
     for key in ("importance", "anchor"):
         for name, t in ewc[0][key].items():
             assert torch.equal(t, ewc[1][key][name]), (key, name)
 
 
 @pytest.mark.integration
-def test_same_seed_same_metrics(tmp_path, mnist_root):
+def test_same_seed_sameread_metrics(tmp_path, mnist_root):
     args = [f"dataset.root={mnist_root}", "dataset.num_tasks=2", "dataset.max_train_samples=2000", *QUIET]
     runs = [run_train(args, tmp_path / name) for name in ("a", "b")]
     assert all(r.returncode == 0 for r in runs), runs[0].stderr[-2000:]
-    a, b = (_metrics(tmp_path / name) for name in ("a", "b"))
+    a, b = (read_metrics(tmp_path / name) for name in ("a", "b"))
     for key in ("accuracy_matrix", "avg_accuracy", "bwt", "forgetting", "stream"):
         assert a[key] == b[key]
 
@@ -83,7 +75,7 @@ def test_nan_loss_stops_with_a_message_and_keeps_the_last_good_checkpoint(tmp_pa
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "training loss is nan" in proc.stderr and "task 2/2" in proc.stderr
     assert "intact" in proc.stderr and "Traceback" not in proc.stderr
-    good = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    good = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.ckpt")
     weights = {k: t for k, t in good["state_dict"].items() if k.startswith("net.")}
     assert good["epoch"] == 0 and weights and all(torch.isfinite(t).all() for t in weights.values())
     assert not (tmp_path / "run" / "metrics.json").exists()

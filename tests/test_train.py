@@ -3,19 +3,11 @@
 from __future__ import annotations
 
 import csv
-import json
-from pathlib import Path
 
 import pytest
 import torch
 
-from tests.conftest import run_train
-
-QUIET = ["trainer.enable_progress_bar=false"]
-
-
-def _metrics(run_dir: Path) -> dict:
-    return json.loads((run_dir / "metrics.json").read_text())
+from tests.conftest import QUIET, ewc_state, load_checkpoint, read_metrics, run_train
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +25,7 @@ def fashion_runs(tmp_path_factory, fashion_available):
 
 @pytest.mark.integration
 def test_ewc_forgets_less_than_finetuning(fashion_runs):
-    ewc, ft = (_metrics(fashion_runs[m][0]) for m in ("ewc", "finetune"))
+    ewc, ft = (read_metrics(fashion_runs[m][0]) for m in ("ewc", "finetune"))
     assert ewc["avg_accuracy"] >= ft["avg_accuracy"] + 0.05, (ewc["avg_accuracy"], ft["avg_accuracy"])
     assert ewc["bwt"] > ft["bwt"]
     # fine-tuning does forget on this stream: task 1 drops by more than 10 points
@@ -43,7 +35,7 @@ def test_ewc_forgets_less_than_finetuning(fashion_runs):
 @pytest.mark.integration
 def test_run_folder_holds_the_output_contract(fashion_runs):
     run_dir, proc = fashion_runs["ewc"]
-    m = _metrics(run_dir)
+    m = read_metrics(run_dir)
     r = m["accuracy_matrix"]
     assert len(r) == 3 and all(len(row) == 3 for row in r)
     assert all(0.0 <= v <= 1.0 for row in r for v in row)
@@ -70,9 +62,8 @@ def test_run_folder_holds_the_output_contract(fashion_runs):
     # a checkpoint per task, with the EWC state and the stream's permutations in it
     ckpts = sorted(p.name for p in (run_dir / "checkpoints").glob("*.ckpt"))
     assert ckpts == ["last.ckpt", "task_1.ckpt", "task_2.ckpt", "task_3.ckpt"]
-    ckpt = torch.load(run_dir / "checkpoints" / "task_2.ckpt", map_location="cpu", weights_only=False)
-    (ewc_state,) = [v for k, v in ckpt["callbacks"].items() if k.startswith("EWC")]
-    assert ewc_state["num_consolidated"] == 2
+    ckpt = load_checkpoint(run_dir / "checkpoints" / "task_2.ckpt")
+    assert ewc_state(ckpt)["num_consolidated"] == 2
     assert ckpt["PermutedStream"]["permutations"].shape == (3, 784)
     assert torch.isnan(ckpt["state_dict"]["accuracy_matrix"][2]).all()
 
@@ -83,7 +74,7 @@ def test_default_stream_prints_the_matrix(tmp_path, mnist_root):
     proc = run_train(args, tmp_path / "run")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "Accuracy matrix" in proc.stdout and "average accuracy" in proc.stdout
-    m = _metrics(tmp_path / "run")
+    m = read_metrics(tmp_path / "run")
     assert (m["method"], m["dataset"]) == ("ewc", "permuted_mnist")
     assert m["accuracy_matrix"][0][0] > 0.85  # MNIST after 5,000 samples with the 2 x 400 MLP
 
@@ -93,7 +84,7 @@ def test_joint_keeps_old_tasks(tmp_path, mnist_root):
     args = ["method=joint", f"dataset.root={mnist_root}", "dataset.num_tasks=2", "dataset.max_train_samples=5000"]
     proc = run_train([*args, "logger=none", *QUIET], tmp_path / "run")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    r = _metrics(tmp_path / "run")["accuracy_matrix"]
+    r = read_metrics(tmp_path / "run")["accuracy_matrix"]
     assert r[1][0] > r[0][0] - 0.02  # trained again on task 1's data: nothing forgotten
 
 
@@ -123,13 +114,11 @@ def test_resumed_stream_ends_where_the_uninterrupted_one_does(tmp_path, mnist_ro
     ckpt = tmp_path / "full" / "checkpoints" / "task_1.ckpt"
     resumed = run_train([*args, f"ckpt_path={ckpt}"], tmp_path / "resumed")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    a, b = _metrics(tmp_path / "full"), _metrics(tmp_path / "resumed")
+    a, b = read_metrics(tmp_path / "full"), read_metrics(tmp_path / "resumed")
     assert b["accuracy_matrix"] == a["accuracy_matrix"]
-    state = [
-        torch.load(d / "checkpoints" / "task_2.ckpt", map_location="cpu", weights_only=False)
-        for d in (tmp_path / "full", tmp_path / "resumed")
+    ewc = [
+        ewc_state(load_checkpoint(d / "checkpoints" / "task_2.ckpt")) for d in (tmp_path / "full", tmp_path / "resumed")
     ]
-    ewc = [next(v for k, v in s["callbacks"].items() if k.startswith("EWC")) for s in state]
     for name, omega in ewc[0]["importance"].items():
         assert torch.equal(omega, ewc[1]["importance"][name])
         assert torch.equal(ewc[0]["anchor"][name], ewc[1]["anchor"][name])
