@@ -15,7 +15,7 @@ def accuracy_heatmap(accuracy: torch.Tensor, title: str = "") -> Figure:
     """Rows: after training task i; columns: test accuracy on task j (annotated in percent)."""
     r = accuracy.detach().cpu().double()
     rows, cols = r.shape
-    fig, ax = plt.subplots(figsize=(1.0 + 0.6 * cols, 0.8 + 0.5 * rows), dpi=110)
+    fig, ax = plt.subplots(figsize=(max(3.6, 1.2 + 0.6 * cols), max(3.0, 0.9 + 0.5 * rows)), dpi=110)
     im = ax.imshow(r.numpy(), vmin=0.0, vmax=1.0, cmap="viridis")
     if rows * cols <= 400:
         for i in range(rows):
