@@ -11,6 +11,9 @@ Search order for a dataset (first hit wins):
 3. known system locations (Debian's ``/usr/share/datasets``, whose ``dataset-fashion-mnist`` package ships
    the four Fashion-MNIST IDX ``.gz`` files),
 
+each in the layout torchvision's class expects (see :data:`SOURCES`: ``<dir>/MNIST/raw/``,
+``<dir>/USPS/usps.bz2``, ``<dir>/cifar-10-batches-py/``, ``<dir>/SVHN/train_32x32.mat``, ...),
+
 then, if ``download`` is true, torchvision's own download into ``root``.
 """
 
@@ -22,6 +25,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from torchvision import datasets
 
@@ -48,11 +52,32 @@ class ImageSplit:
 
 
 @dataclass(frozen=True)
-class _IdxSource:
-    """A torchvision MNIST-family class and the folder names its files may sit in."""
+class Source:
+    """One torchvision dataset class, and where its files sit below a data folder ``<dir>``.
 
-    cls: type[datasets.MNIST]
-    system_subdirs: tuple[str, ...]  # folder names used by system packages (e.g. Debian's)
+    Attributes:
+        cls: the torchvision class that reads (and downloads) the files.
+        subdir: the class's ``root`` relative to ``<dir>`` (``""``: ``<dir>`` itself). MNIST's class reads
+            ``<root>/MNIST/raw/``, so its ``root`` is ``<dir>``; USPS reads ``<root>/usps.bz2``, and the
+            usual layout is ``<dir>/USPS/usps.bz2``.
+        files: what must exist below the class's ``root`` for it to load without downloading.
+        system_subdirs: folders of system packages that hold the IDX ``.gz`` files (Debian's layout).
+        split_kw: how the class selects a split: ``"train"`` (``train=True/False``) or ``"split"`` (SVHN).
+        num_classes: the number of classes.
+    """
+
+    cls: type[datasets.VisionDataset]
+    subdir: str
+    files: tuple[str, ...]
+    system_subdirs: tuple[str, ...] = ()
+    split_kw: str = "train"
+    num_classes: int = 10
+
+    def dataset(self, root: Path, train: bool, download: bool = False) -> datasets.VisionDataset:
+        split: dict[str, object] = (
+            {"train": train} if self.split_kw == "train" else {"split": "train" if train else "test"}
+        )
+        return self.cls(str(root), download=download, **split)
 
 
 _IDX_FILES = (
@@ -62,9 +87,27 @@ _IDX_FILES = (
     "t10k-labels-idx1-ubyte",
 )
 
-SOURCES: dict[str, _IdxSource] = {
-    "mnist": _IdxSource(datasets.MNIST, ("mnist",)),
-    "fashion_mnist": _IdxSource(datasets.FashionMNIST, ("fashion-mnist", "fashion_mnist")),
+
+def _idx(cls: type[datasets.MNIST], system_subdirs: tuple[str, ...]) -> Source:
+    return Source(cls, "", tuple(f"{cls.__name__}/raw/{f}" for f in _IDX_FILES), system_subdirs)
+
+
+SOURCES: dict[str, Source] = {
+    "mnist": _idx(datasets.MNIST, ("mnist",)),
+    "fashion_mnist": _idx(datasets.FashionMNIST, ("fashion-mnist", "fashion_mnist")),
+    "usps": Source(datasets.USPS, "USPS", ("usps.bz2", "usps.t.bz2")),
+    "cifar10": Source(
+        datasets.CIFAR10,
+        "",
+        tuple(
+            f"cifar-10-batches-py/{f}"
+            for f in ("batches.meta", "test_batch", *(f"data_batch_{i}" for i in range(1, 6)))
+        ),
+    ),
+    "cifar100": Source(
+        datasets.CIFAR100, "", tuple(f"cifar-100-python/{f}" for f in ("meta", "train", "test")), num_classes=100
+    ),
+    "svhn": Source(datasets.SVHN, "SVHN", ("train_32x32.mat", "test_32x32.mat"), split_kw="split"),
 }
 
 
@@ -87,8 +130,8 @@ def search_dirs(root: str | os.PathLike[str] | None) -> list[Path]:
     return unique
 
 
-def _has_raw(folder: Path) -> bool:
-    return all((folder / name).is_file() for name in _IDX_FILES)
+def _has_files(root: Path, src: Source) -> bool:
+    return all((root / f).is_file() for f in src.files)
 
 
 def _has_gz(folder: Path) -> bool:
@@ -112,34 +155,48 @@ def _gunzip_into(src: Path, raw_folder: Path) -> None:
         tmp.replace(target)  # atomic: a half-written file is never taken for a good one
 
 
-def _load_idx(cls: type[datasets.MNIST], root: Path) -> tuple[ImageSplit, ImageSplit]:
+def _as_split(ds: datasets.VisionDataset) -> ImageSplit:
+    """The images of a torchvision dataset as ``(N, C, H, W)`` uint8, and its labels as int64."""
+    images = torch.as_tensor(np.asarray(ds.data))
+    if images.ndim == 3:  # (N, H, W): grey
+        images = images.unsqueeze(1)
+    elif images.shape[-1] in (1, 3) and images.shape[1] not in (1, 3):  # (N, H, W, C): CIFAR
+        images = images.permute(0, 3, 1, 2)
+    labels = getattr(ds, "targets", None)
+    if labels is None:
+        labels = ds.labels  # SVHN
+    return ImageSplit(images.to(torch.uint8).contiguous(), torch.as_tensor(np.asarray(labels)).long())
+
+
+def _load(src: Source, root: Path) -> tuple[ImageSplit, ImageSplit]:
     try:
-        splits = [cls(str(root), train=train, download=False) for train in (True, False)]
-    except (RuntimeError, ValueError, AssertionError, OSError) as err:
+        splits = [_as_split(src.dataset(root, train)) for train in (True, False)]
+    except (RuntimeError, ValueError, AssertionError, OSError, EOFError, KeyError) as err:
+        files = ", ".join(str(root / f) for f in src.files[:2]) + (", ..." if len(src.files) > 2 else "")
         raise CorruptDataError(
-            f"{cls.__name__} files under {root / cls.__name__ / 'raw'} could not be read ({err}). "
+            f"{src.cls.__name__} files ({files}) could not be read ({err}). "
             "Delete them and provide fresh copies (or let torchvision download them)."
         ) from err
-    out = []
-    for ds in splits:
-        images = ds.data
-        if images.ndim == 3:
-            images = images.unsqueeze(1)  # (N, 1, H, W)
-        out.append(ImageSplit(images.contiguous(), ds.targets.long()))
-    return out[0], out[1]
+    for split in splits:
+        if len(split) == 0 or split.labels.min() < 0:
+            raise CorruptDataError(f"{src.cls.__name__} under {root} holds no samples or negative labels")
+    return splits[0], splits[1]
 
 
 def _locate(name: str, root: str | os.PathLike[str] | None) -> tuple[Path | None, list[str]]:
-    """Find a folder from which ``name`` loads; returns it and a description of what was searched."""
+    """Find the ``root`` from which ``name``'s class loads; returns it and a description of what was searched."""
     src = SOURCES[name]
-    cls_dir = src.cls.__name__
     searched: list[str] = []
     for d in search_dirs(root):
-        raw = d / cls_dir / "raw"
-        searched.append(str(raw))
-        if _has_raw(raw):
-            return d, searched
+        base = d / src.subdir if src.subdir else d
+        searched.append(str(base / src.files[0]).rsplit("/", 1)[0] + "/")
+        if _has_files(base, src):
+            return base, searched
+        if not src.system_subdirs:
+            continue
         # Debian's layout: the four .gz files in /usr/share/datasets/<name>/.
+        cls_dir = src.cls.__name__
+        raw = d / cls_dir / "raw"
         for sub in (*src.system_subdirs, cls_dir):
             folder = d / sub
             searched.append(f"{folder} (*.gz)")
@@ -167,11 +224,18 @@ def _default_cache() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "lifelong" / "data"
 
 
+_HINTS = {
+    "fashion_mnist": " (on Debian: apt-get install dataset-fashion-mnist)",
+    "mnist": " (the four IDX files, or their .gz)",
+}
+
+
 def find_image_dataset(name: str, root: str | os.PathLike[str] | None = "data", download: bool = True) -> Path:
     """The folder from which torchvision's class for ``name`` loads: found, decompressed or downloaded.
 
     Args:
-        name: one of :data:`SOURCES` (``"mnist"``, ``"fashion_mnist"``).
+        name: one of :data:`SOURCES` (``"mnist"``, ``"fashion_mnist"``, ``"usps"``, ``"cifar10"``,
+            ``"cifar100"``, ``"svhn"``).
         root: the configured data folder; searched first, and where downloads and decompressed copies go.
         download: whether to let torchvision download the files when no local copy is found.
 
@@ -181,25 +245,27 @@ def find_image_dataset(name: str, root: str | os.PathLike[str] | None = "data", 
     """
     if name not in SOURCES:
         raise ValueError(f"unknown image dataset {name!r}; known: {sorted(SOURCES)}")
-    cls = SOURCES[name].cls
+    src = SOURCES[name]
     found, searched = _locate(name, root)
     if found is not None:
         return found
     error: Exception | None = None
     if download and root:
+        target = Path(root).expanduser() / src.subdir if src.subdir else Path(root).expanduser()
         try:
-            cls(str(Path(root).expanduser()), train=True, download=True)  # fetches both splits
-            return Path(root).expanduser()
+            for train in (True, False):
+                src.dataset(target, train, download=True)
+            return target
         except Exception as err:  # network errors come in many types (URLError, HTTPError, OSError...)
             error = err
     lines = "\n  ".join(searched)
     first_line = str(error).strip().splitlines()[0] if error and str(error).strip() else ""
     reason = f"the download failed ({type(error).__name__}: {first_line})" if error else "download is off"
+    layout = "<DIR>/" + (f"{src.subdir}/" if src.subdir else "")
     raise DataNotFoundError(
-        f"{cls.__name__} was not found in any of these folders:\n  {lines}\nand {reason}.\n"
-        f"Put the four IDX files ({', '.join(_IDX_FILES)}, or their .gz) in <DIR>/{cls.__name__}/raw/ and "
-        f"pass dataset.root=<DIR>, or set {ENV_VAR}=<DIR>"
-        + (" (on Debian: apt-get install dataset-fashion-mnist)." if name == "fashion_mnist" else ".")
+        f"{src.cls.__name__} was not found in any of these folders:\n  {lines}\nand {reason}.\n"
+        f"Put {', '.join(src.files)} in {layout}{_HINTS.get(name, '')} "
+        f"and pass dataset.root=<DIR>, or set {ENV_VAR}=<DIR>."
     )
 
 
@@ -212,4 +278,4 @@ def load_image_dataset(
         DataNotFoundError: see :func:`find_image_dataset`.
         CorruptDataError: files were found but cannot be read.
     """
-    return _load_idx(SOURCES[name].cls, find_image_dataset(name, root, download))
+    return _load(SOURCES[name], find_image_dataset(name, root, download))
