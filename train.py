@@ -52,7 +52,15 @@ def _checkpoint_to_resume(cfg: DictConfig, output_dir: Path) -> str | None:
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
     hc = HydraConfig.get()
-    choices = hc.runtime.choices
+    return run(cfg, Path(hc.runtime.output_dir), dict(hc.runtime.choices))
+
+
+def run(cfg: DictConfig, output_dir: Path, choices: dict[str, Any]) -> float | None:
+    """Train through the stream of a composed config; results go to ``output_dir``. Returns the average accuracy.
+
+    ``choices`` names the config groups chosen (``{"method": "ewc", "dataset": ...}``), for ``metrics.json``.
+    Exits with status 2 and one message on bad values or missing data.
+    """
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     try:
         datamodule = instantiate(cfg.dataset)
@@ -65,6 +73,8 @@ def main(cfg: DictConfig) -> float | None:
             num_tasks=datamodule.num_tasks,
             num_classes=datamodule.num_classes,
             reset_optimizer=cfg.reset_optimizer,
+            scenario=datamodule.scenario,
+            task_classes=datamodule.task_classes,
         )
         method = instantiate(cfg.method)
         logger = instantiate(cfg.logger) if cfg.get("logger") else False
@@ -77,18 +87,19 @@ def main(cfg: DictConfig) -> float | None:
     info: dict[str, Any] = {
         "method": choices.get("method"),
         "dataset": choices.get("dataset"),
+        "scenario": datamodule.scenario,
         "model": choices.get("model"),
         "optimizer": choices.get("optimizer"),
         "seed": cfg.seed,
         "epochs_per_task": cfg.epochs_per_task,
         "config": OmegaConf.to_container(cfg, resolve=True),
     }
-    ckpt_path = _checkpoint_to_resume(cfg, Path(hc.runtime.output_dir))
+    ckpt_path = _checkpoint_to_resume(cfg, output_dir)
     try:
         metrics = train_stream(
             datamodule,
             module,
-            hc.runtime.output_dir,
+            output_dir,
             trainer=trainer,
             callbacks=[method],
             logger=logger,

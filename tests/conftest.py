@@ -77,3 +77,113 @@ def ewc_state(checkpoint: dict) -> dict:
     """The EWC callback's state in a Lightning checkpoint (keyed by the callback's state key)."""
     (state,) = [v for k, v in checkpoint["callbacks"].items() if k.startswith("EWC")]
     return state
+
+
+def compose_run(overrides: list[str], run_dir: Path) -> dict:
+    """Compose ``conf/train.yaml`` with ``overrides`` and run it in this process (as ``train.py`` does);
+    returns the run's ``metrics.json``. In-process, so monkeypatched fixtures apply and no interpreter starts.
+    """
+    from hydra import compose, initialize_config_dir
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import open_dict
+
+    import train
+
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=[*overrides, "trainer.enable_progress_bar=false"], return_hydra_config=True)
+    with open_dict(cfg):
+        cfg.hydra.runtime.output_dir = str(run_dir)
+    HydraConfig.instance().set_config(cfg)  # for ${hydra:runtime.output_dir} in the logger's config
+    choices = dict(cfg.hydra.runtime.choices)
+    with open_dict(cfg):
+        del cfg["hydra"]
+    train.run(cfg, run_dir, choices)
+    return read_metrics(run_dir)
+
+
+# ---- small fixtures in the real on-disk formats of CIFAR-10/100 (pickled batches) and SVHN (.mat) ------------
+def _images_for(labels, rng):
+    """uint8 (N, 3, 32, 32) noise whose first pixel encodes the label (so tests can check the layout)."""
+    import numpy as np
+
+    images = rng.integers(0, 256, size=(len(labels), 3, 32, 32), dtype=np.uint8)
+    images[:, :, :8, :8] = (np.asarray(labels, dtype=np.uint8) * 2)[:, None, None, None]  # learnable too
+    return images
+
+
+def _md5(path: Path) -> str:
+    import hashlib
+
+    return hashlib.md5(path.read_bytes()).hexdigest()
+
+
+def write_cifar(root: Path, hundred: bool, per_class: int = 6, seed: int = 0) -> dict:
+    """CIFAR-10 (``cifar-10-batches-py/``) or CIFAR-100 (``cifar-100-python/``) as torchvision reads them.
+
+    Returns the md5 sums, in the shape of the class attributes ``train_list``, ``test_list`` and ``meta``.
+    """
+    import pickle
+
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    num_classes = 100 if hundred else 10
+    folder = root / ("cifar-100-python" if hundred else "cifar-10-batches-py")
+    folder.mkdir(parents=True, exist_ok=True)
+    label_key = "fine_labels" if hundred else "labels"
+
+    def batch(name: str, n_per_class: int) -> list[str]:
+        labels = [c for c in range(num_classes) for _ in range(n_per_class)]
+        rng.shuffle(labels)
+        entry = {"batch_label": name, label_key: labels, "data": _images_for(labels, rng).reshape(len(labels), -1)}
+        if hundred:
+            entry["coarse_labels"] = [c // 5 for c in labels]
+        with open(folder / name, "wb") as f:
+            pickle.dump(entry, f, protocol=2)
+        return [name, _md5(folder / name)]
+
+    if hundred:
+        train_list, test_list = [batch("train", per_class)], [batch("test", 2)]
+        meta_name, key = "meta", "fine_label_names"
+    else:
+        train_list = [batch(f"data_batch_{i}", per_class) for i in range(1, 6)]
+        test_list = [batch("test_batch", 2)]
+        meta_name, key = "batches.meta", "label_names"
+    with open(folder / meta_name, "wb") as f:
+        pickle.dump({key: [f"class_{c}" for c in range(num_classes)]}, f, protocol=2)
+    meta = {"filename": meta_name, "key": key, "md5": _md5(folder / meta_name)}
+    return {"train_list": train_list, "test_list": test_list, "meta": meta}
+
+
+def write_svhn(root: Path, per_class: int = 20, seed: int = 0) -> dict:
+    """SVHN's ``train_32x32.mat`` / ``test_32x32.mat`` under ``root/SVHN`` (X: 32x32x3xN, y: Nx1, 10 = digit 0).
+
+    Returns ``split_list`` with the fixture's md5 sums.
+    """
+    import numpy as np
+    import scipy.io
+    from torchvision.datasets import SVHN
+
+    rng = np.random.default_rng(seed)
+    folder = root / "SVHN"
+    folder.mkdir(parents=True, exist_ok=True)
+    split_list = {}
+    for split, n in (("train", per_class), ("test", 4)):
+        labels = [c for c in range(10) for _ in range(n)]
+        images = _images_for(labels, rng)  # (N, 3, 32, 32)
+        y = np.asarray([c if c else 10 for c in labels], dtype=np.uint8).reshape(-1, 1)
+        name = SVHN.split_list[split][1]
+        scipy.io.savemat(folder / name, {"X": images.transpose(2, 3, 1, 0), "y": y})
+        split_list[split] = [SVHN.split_list[split][0], name, _md5(folder / name)]
+    return split_list
+
+
+def patch_checksums(monkeypatch, cifar10: dict | None = None, cifar100: dict | None = None, svhn=None) -> None:
+    """Point torchvision's integrity checks at the fixtures' md5 sums (the loading code itself is unchanged)."""
+    from torchvision import datasets
+
+    for cls, sums in ((datasets.CIFAR10, cifar10), (datasets.CIFAR100, cifar100)):
+        for key, value in (sums or {}).items():
+            monkeypatch.setattr(cls, key, value)
+    if svhn is not None:
+        monkeypatch.setattr(datasets.SVHN, "split_list", svhn)

@@ -4,19 +4,31 @@ The whole stream is one ``trainer.fit`` of ``num_tasks * epochs_per_task`` epoch
 train loader every ``epochs_per_task`` epochs and this module derives the current task from the epoch, so
 Lightning's own checkpointing restores epoch, optimizer and callback state together. Validation returns one
 loader per task (seen and unseen): its results after each task are the rows of the accuracy matrix.
+
+Scenarios (van de Ven & Tolias, 2019; Hsu et al., 2018). Each task has its own *local* classes
+``0..K_t-1`` (a split task's two digits, a permuted task's ten); the scenario decides which output of the
+network a local class is trained on:
+
+* ``task``: every task has its own head, outputs ``offset_t .. offset_t + K_t - 1``; the task identity is
+  given in training and at test, and only the task's head competes (multi-head);
+* ``domain``: one shared head of ``K`` outputs, local class ``k`` is output ``k`` in every task; no task
+  identity at test;
+* ``class``: one head over all classes, local class ``k`` of task ``t`` is output ``offset_t + k``; the
+  outputs of the classes seen so far compete, with no task identity at test.
+
+The stream maps labels (:attr:`TaskStream.targets`); the heads live in the LightningModule
+(:class:`lifelong.models.ContinualClassifier`), which takes :attr:`TaskStream.task_classes`.
 """
 
 from __future__ import annotations
 
-import hashlib
 from typing import Any
 
 import lightning as L
 import torch
 from typing_extensions import override
 
-from lifelong.data.sources import find_image_dataset, load_image_dataset
-from lifelong.data.tensors import BatchTransform, TaskData, TensorBatchLoader
+from lifelong.data.tensors import Augment, BatchTransform, TaskData, TensorBatchLoader
 from lifelong.errors import ResumeError
 
 
@@ -39,9 +51,12 @@ class TaskStream(L.LightningDataModule):
         max_train_samples: keep at most this many training samples per task (a seeded random subset), for
             quick runs; ``None`` keeps all.
         max_test_samples: the same for each task's test set.
+        scenario: ``"task"``, ``"domain"`` or ``"class"`` (see the module docstring); ``None`` for the
+            stream's default.
     """
 
-    num_classes: int = 10
+    scenarios: tuple[str, ...] = ("task", "domain", "class")
+    default_scenario: str = "domain"
     input_shape: tuple[int, ...] = ()
 
     def __init__(
@@ -56,8 +71,14 @@ class TaskStream(L.LightningDataModule):
         cumulative: bool = False,
         max_train_samples: int | None = None,
         max_test_samples: int | None = None,
+        scenario: str | None = None,
     ) -> None:
         super().__init__()
+        scenario = scenario or self.default_scenario
+        if scenario not in self.scenarios:
+            raise ValueError(
+                f"dataset.scenario must be one of {list(self.scenarios)} for {type(self).__name__}, got {scenario!r}"
+            )
         for name, value in (
             ("num_tasks", num_tasks),
             ("epochs_per_task", epochs_per_task),
@@ -79,7 +100,13 @@ class TaskStream(L.LightningDataModule):
         self.cumulative = cumulative
         self.max_train_samples = max_train_samples
         self.max_test_samples = max_test_samples
+        self.scenario = scenario
         self.transform: BatchTransform | None = None
+        self.augment: Augment | None = None  # a random augmentation of training batches
+        self.targets: torch.Tensor | None = None  # (T, K) base label -> output; None: the base labels
+        self.num_classes = 0  # outputs of the network (all heads together)
+        self.task_classes: list[list[int]] = []  # outputs of each task's classes
+        self._local: torch.Tensor | None = None  # (T, K) base label -> local class of the task, -1 if none
         self._train: list[TaskData] = []
         self._test: list[TaskData] = []
         self._device = torch.device("cpu")
@@ -99,7 +126,29 @@ class TaskStream(L.LightningDataModule):
 
     # ---- data --------------------------------------------------------------------------------------
     def _build(self) -> None:
+        """Load the data; fill ``_train``/``_test``, ``_local``, ``transform`` and ``input_shape``."""
         raise NotImplementedError
+
+    def _resolve_labels(self) -> None:
+        """The scenario's outputs: :attr:`targets`, :attr:`num_classes` and :attr:`task_classes`."""
+        assert self._local is not None
+        local = self._local[: self.num_tasks]
+        sizes = [int(row.max()) + 1 for row in local]
+        if self.scenario == "domain":
+            if len(set(sizes)) != 1:
+                raise ValueError(
+                    f"dataset.scenario=domain needs the same number of classes in every task, got {sizes}; "
+                    "use dataset.scenario=task or class"
+                )
+            targets = local.clone()
+            self.task_classes = [list(range(sizes[0])) for _ in sizes]
+        else:
+            offsets = [sum(sizes[:t]) for t in range(len(sizes))]
+            targets = torch.where(local >= 0, local + torch.tensor(offsets).unsqueeze(1), -1)
+            self.task_classes = [list(range(o, o + k)) for o, k in zip(offsets, sizes, strict=True)]
+        self.num_classes = max(c[-1] for c in self.task_classes) + 1
+        identity = torch.arange(local.shape[1]).expand_as(targets)
+        self.targets = None if torch.equal(targets, identity) else targets
 
     def prepare_data(self) -> None:
         """Runs on one process per node: locate, decompress or download the files once."""
@@ -111,6 +160,7 @@ class TaskStream(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if not self._train:
             self._build()
+            self._resolve_labels()
             self._limit()
         if self.trainer is not None:
             self._place(self.trainer.strategy.root_device)
@@ -136,11 +186,12 @@ class TaskStream(L.LightningDataModule):
         for tasks in (self._train, self._test):
             for i, d in enumerate(tasks):
                 tasks[i] = TaskData(move(d.images), move(d.labels), move(d.rows), move(d.tasks), d.task)
-        self._place_transform(device)
+        to = getattr(self.transform, "to", None)
+        if to is not None:
+            to(device)
+        if self.targets is not None:
+            self.targets = self.targets.to(device)
         self._device = device
-
-    def _place_transform(self, device: torch.device) -> None:
-        """Move the transform's tensors (if any) to ``device``."""
 
     def train_data(self, task: int) -> TaskData:
         """The training samples of ``task`` (what methods estimate importances on)."""
@@ -167,6 +218,8 @@ class TaskStream(L.LightningDataModule):
             rank=rank,
             world_size=world,
             pad=train,
+            targets=self.targets,
+            augment=self.augment if train else None,
         )
 
     def train_dataloader(self) -> TensorBatchLoader:
@@ -191,6 +244,8 @@ class TaskStream(L.LightningDataModule):
         return {
             "class": type(self).__name__,
             "num_tasks": self.num_tasks,
+            "scenario": self.scenario,
+            "task_classes": self.task_classes,
             "seed": self.seed,
             "max_train_samples": self.max_train_samples,
             "max_test_samples": self.max_test_samples,
@@ -212,15 +267,6 @@ class TaskStream(L.LightningDataModule):
             )
 
 
-def _pixel_mean_std(images: torch.Tensor) -> tuple[float, float]:
-    """Mean and standard deviation of uint8 pixels, in [0, 1] units, from their histogram (no float copy)."""
-    counts = torch.bincount(images.flatten(), minlength=256).double()
-    values = torch.arange(256, dtype=torch.float64) / 255
-    mean = (counts * values).sum() / counts.sum()
-    var = (counts * (values - mean) ** 2).sum() / (counts.sum() - 1)
-    return mean.item(), var.sqrt().item()
-
-
 def stream_of(trainer: L.Trainer) -> TaskStream:
     """The trainer's datamodule, checked to be a :class:`TaskStream` (methods and the module need one)."""
     dm = getattr(trainer, "datamodule", None)
@@ -230,78 +276,3 @@ def stream_of(trainer: L.Trainer) -> TaskStream:
             "pass datamodule=<a TaskStream> to trainer.fit"
         )
     return dm
-
-
-class _NormalizePermute:
-    """Scale uint8 pixels to standardised floats, then permute pixels by task. Shapes: (B, C, H, W)."""
-
-    def __init__(self, mean: float, std: float, perms: torch.Tensor) -> None:
-        self.scale = 1.0 / (255.0 * std)
-        self.shift = mean / std
-        self.perms = perms  # (T, H*W) int64
-
-    def __call__(self, images: torch.Tensor, tasks: torch.Tensor, task: int | None) -> torch.Tensor:
-        b, c, h, w = images.shape
-        x = images.reshape(b, c, h * w)
-        # permute the uint8 pixels (a quarter of the bytes of floats), then scale
-        if task is not None:
-            x = x.index_select(2, self.perms[task])
-        else:  # a batch of several tasks (the joint baseline): one permutation per sample
-            x = x.gather(2, self.perms[tasks].unsqueeze(1).expand(b, c, h * w))
-        return x.float().mul_(self.scale).sub_(self.shift).view(b, c, h, w)
-
-
-class PermutedStream(TaskStream):
-    """Permuted MNIST / Fashion-MNIST (Goodfellow et al., 2013; Kirkpatrick et al., 2017).
-
-    Every task is the full dataset with its own fixed pixel permutation, drawn from a local generator seeded
-    by ``seed``: the same seed gives the same permutations on any machine. Ten classes, one shared output
-    (the domain-incremental setting in which EWC was introduced).
-
-    Args:
-        source: ``"mnist"`` or ``"fashion_mnist"``.
-        first_task_unpermuted: make task 0 the original images (identity permutation).
-        **kwargs: see :class:`TaskStream`.
-    """
-
-    def __init__(self, source: str = "mnist", first_task_unpermuted: bool = False, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.source = source
-        self.first_task_unpermuted = first_task_unpermuted
-        self.perms: torch.Tensor | None = None
-
-    def _prepare_files(self) -> None:
-        find_image_dataset(self.source, self.root, self.download)
-
-    def _build(self) -> None:
-        train, test = load_image_dataset(self.source, self.root, self.download)
-        _, c, h, w = train.images.shape
-        self.input_shape = (c, h, w)
-        self.num_classes = int(train.labels.max()) + 1
-        g = torch.Generator().manual_seed(self.seed)
-        perms = torch.stack([torch.randperm(h * w, generator=g) for _ in range(self.num_tasks)])
-        if self.first_task_unpermuted:
-            perms[0] = torch.arange(h * w)
-        self.perms = perms
-        mean, std = _pixel_mean_std(train.images)
-        self.transform = _NormalizePermute(mean, std, perms)
-        self._train = [TaskData.whole(train.images, train.labels, t) for t in range(self.num_tasks)]
-        self._test = [TaskData.whole(test.images, test.labels, t) for t in range(self.num_tasks)]
-
-    def _place_transform(self, device: torch.device) -> None:
-        assert isinstance(self.transform, _NormalizePermute)
-        self.transform.perms = self.transform.perms.to(device)
-
-    def describe(self) -> dict[str, Any]:
-        assert self.perms is not None
-        return {
-            **super().describe(),
-            "source": self.source,
-            "first_task_unpermuted": self.first_task_unpermuted,
-            # a short fingerprint per permutation; the full permutations are in the checkpoint
-            "permutation_sha1": [hashlib.sha1(p.numpy().tobytes()).hexdigest()[:12] for p in self.perms.cpu()],
-        }
-
-    def state_dict(self) -> dict[str, Any]:
-        assert self.perms is not None
-        return {**super().state_dict(), "permutations": self.perms.cpu()}

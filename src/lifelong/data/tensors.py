@@ -8,7 +8,7 @@ Python call, no per-batch host-to-device copy.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from typing import Protocol
 
@@ -23,6 +23,9 @@ class BatchTransform(Protocol):
     def __call__(self, images: torch.Tensor, tasks: torch.Tensor, task: int | None) -> torch.Tensor:
         """``images`` (B, C, H, W) uint8, ``tasks`` (B,), ``task`` set when all samples share one task."""
         ...
+
+
+Augment = Callable[[torch.Tensor, torch.Generator], torch.Tensor]  # (x, generator) -> x, for training batches
 
 
 @dataclass(frozen=True)
@@ -102,6 +105,10 @@ class TensorBatchLoader:
         rank: this process's rank.
         world_size: the number of processes.
         pad: pad the order to a multiple of ``world_size`` (training).
+        targets: ``(T, K)`` map from each task's base label to the label the network is trained on (the
+            scenario's label space, see :class:`lifelong.data.TaskStream`); ``None`` keeps the base labels.
+        augment: a random augmentation of the transformed batch (training), drawn from a generator on the
+            data's device seeded by ``(seed, epoch, rank)``.
     """
 
     def __init__(
@@ -117,6 +124,8 @@ class TensorBatchLoader:
         rank: int = 0,
         world_size: int = 1,
         pad: bool = False,
+        targets: torch.Tensor | None = None,
+        augment: Augment | None = None,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
@@ -130,6 +139,8 @@ class TensorBatchLoader:
         self.rank = rank
         self.world_size = world_size
         self.pad = pad
+        self.targets = targets
+        self.augment = augment
 
     def _num_samples(self) -> int:
         n, w = len(self.data), self.world_size
@@ -157,9 +168,20 @@ class TensorBatchLoader:
 
     def __iter__(self) -> Iterator[Batch]:
         data = self.data
-        order = self._order().to(data.rows.device)  # one small copy per epoch, none per batch
+        device = data.rows.device
+        order = self._order().to(device)  # one small copy per epoch, none per batch
+        generator = None
+        if self.augment is not None:
+            generator = torch.Generator(device=device)
+            generator.manual_seed((self.seed * 1_000_003 + self.epoch) * 1009 + self.rank)
         self.epoch += 1
         rows, tasks = data.rows[order], data.tasks[order]
+        targets = self.targets
         for idx, t in zip(rows.split(self.batch_size)[: len(self)], tasks.split(self.batch_size), strict=False):
             x = self.transform(data.images.index_select(0, idx), t, data.task)
-            yield x, data.labels.index_select(0, idx), t
+            if generator is not None:
+                x = self.augment(x, generator)  # type: ignore[misc]
+            y = data.labels.index_select(0, idx)
+            if targets is not None:
+                y = targets[data.task].index_select(0, y) if data.task is not None else targets[t, y]
+            yield x, y, t

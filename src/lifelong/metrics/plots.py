@@ -2,20 +2,16 @@
 
 from __future__ import annotations
 
-import matplotlib
-
-matplotlib.use("Agg")  # files only; never needs a screen
-
-import matplotlib.pyplot as plt
 import torch
-from matplotlib.figure import Figure
+from matplotlib.figure import Figure  # not pyplot: figures need no backend or screen, and nothing keeps them
 
 
 def accuracy_heatmap(accuracy: torch.Tensor, title: str = "") -> Figure:
     """Rows: after training task i; columns: test accuracy on task j (annotated in percent)."""
     r = accuracy.detach().cpu().double()
     rows, cols = r.shape
-    fig, ax = plt.subplots(figsize=(max(3.6, 1.2 + 0.6 * cols), max(3.0, 0.9 + 0.5 * rows)), dpi=110)
+    fig = Figure(figsize=(max(3.6, 1.2 + 0.6 * cols), max(3.0, 0.9 + 0.5 * rows)), dpi=110)
+    ax = fig.subplots()
     im = ax.imshow(r.numpy(), vmin=0.0, vmax=1.0, cmap="viridis")
     if rows * cols <= 400:
         for i in range(rows):
@@ -44,7 +40,8 @@ def accuracy_curves(accuracy: torch.Tensor, title: str = "") -> Figure:
     """One line per task: its accuracy after each training task, from the task on (forgetting at a glance)."""
     r = accuracy.detach().cpu().double()
     rows, cols = r.shape
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=110)
+    fig = Figure(figsize=(6, 4), dpi=110)
+    ax = fig.subplots()
     x = torch.arange(1, rows + 1)
     for j in range(cols):
         seen = x[j:]

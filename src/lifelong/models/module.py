@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import lightning as L
@@ -17,12 +17,19 @@ from lifelong.data.streams import stream_of
 from lifelong.errors import NonFiniteLossError
 from lifelong.methods.base import ContinualMethod, log_now
 
+SCENARIOS = ("task", "domain", "class")
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], Optimizer]
 
 
 class ContinualClassifier(L.LightningModule):
     """Wraps an ``nn.Module`` classifier for a task stream (see :class:`lifelong.data.TaskStream`).
 
+    * Heads, by scenario (see :mod:`lifelong.data.streams`): ``net`` has one output per class of all heads
+      together. In the ``task`` scenario each sample's logits outside its task's head are masked out (to the
+      dtype's lowest value, so softmax gives them probability 0 and no gradient reaches them); in the
+      ``class`` scenario the logits are cut to the classes seen so far (the tasks up to the current one);
+      in the ``domain`` scenario the one head is used as it is. Methods see these logits through
+      ``forward(x, task)``, and need not know the scenario.
     * Training: cross-entropy plus the penalty of every :class:`~lifelong.methods.ContinualMethod` among the
       trainer's callbacks (logged as ``train/loss`` and ``train/<method>_penalty``).
     * Evaluation: at the end of each task, the accuracy on every task's test set (one validation loader per
@@ -34,12 +41,16 @@ class ContinualClassifier(L.LightningModule):
         optimizer: ``params -> Optimizer`` (e.g. ``functools.partial(torch.optim.Adam, lr=1e-3)``).
         num_tasks: the stream's number of tasks (the size of the accuracy matrix).
         num_classes: outputs of ``net``.
+        scenario: ``"task"``, ``"domain"`` or ``"class"``.
+        task_classes: the outputs of each task's classes (``TaskStream.task_classes``); ``None`` for every
+            task using all outputs.
         reset_optimizer: clear the optimizer's state (e.g. Adam's moments) at the start of each task, as in
             Hsu et al. (2018), so a task does not start with momentum from the previous one.
     """
 
     takes_task = True  # forward(x, task); see lifelong.methods.fisher.call_model
     accuracy_matrix: Tensor
+    task_mask: Tensor
 
     def __init__(
         self,
@@ -48,13 +59,31 @@ class ContinualClassifier(L.LightningModule):
         num_tasks: int,
         num_classes: int,
         reset_optimizer: bool = True,
+        scenario: str = "domain",
+        task_classes: Sequence[Sequence[int]] | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["net", "optimizer"])
+        if scenario not in SCENARIOS:
+            raise ValueError(f"scenario must be one of {list(SCENARIOS)}, got {scenario!r}")
+        everything = [list(range(num_classes))] * num_tasks
+        classes = [list(c) for c in task_classes] if task_classes is not None else everything
+        if len(classes) != num_tasks or any(not c or min(c) < 0 or max(c) >= num_classes for c in classes):
+            raise ValueError(f"task_classes must list outputs in [0, {num_classes}) for each of {num_tasks} tasks")
         self.net = net
         self.optimizer_factory = optimizer
         self.num_tasks = num_tasks
+        self.num_classes = num_classes
         self.reset_optimizer = reset_optimizer
+        self.scenario = scenario
+        self.task_classes = classes
+        self.current_task = 0  # the task being trained (set by the stream's clock); the class scenario's heads
+        mask = torch.zeros(num_tasks, num_classes, dtype=torch.bool)
+        for t, c in enumerate(classes):
+            mask[t, c] = True
+        self.register_buffer("task_mask", mask, persistent=False)  # (T, C): each task's head
+        # the class scenario: how many outputs the classes of tasks 0..t span (outputs are in task order)
+        self._seen_outputs = [max(max(c) for c in classes[: t + 1]) + 1 for t in range(num_tasks)]
         self.val_acc: list[MulticlassAccuracy] = nn.ModuleList(  # type: ignore[assignment]
             MulticlassAccuracy(num_classes, average="micro") for _ in range(num_tasks)
         )
@@ -72,7 +101,16 @@ class ContinualClassifier(L.LightningModule):
 
     @override
     def forward(self, x: Tensor, task: Tensor | None = None) -> Tensor:
-        return self.net(x)  # (B, C); one head shared by all tasks
+        """Logits of ``x`` ``(B, ...)`` whose samples belong to the tasks ``task`` ``(B,)``: see the heads above."""
+        logits = self.net(x)  # (B, C)
+        if self.scenario == "task":
+            if task is None:
+                raise ValueError("the task scenario needs each sample's task: forward(x, task)")
+            mask = self.task_mask.index_select(0, task)  # (B, C)
+            return logits.masked_fill(~mask, torch.finfo(logits.dtype).min)
+        if self.scenario == "class":
+            return logits[:, : self._seen_outputs[self.current_task]]
+        return logits
 
     @override
     def on_fit_start(self) -> None:
@@ -83,6 +121,7 @@ class ContinualClassifier(L.LightningModule):
     def on_train_epoch_start(self) -> None:
         dm = stream_of(self.trainer)
         epoch = self.current_epoch
+        self.current_task = dm.task_of_epoch(epoch)
         if self.reset_optimizer and epoch > 0 and dm.is_task_end(epoch - 1):
             for opt in self.trainer.optimizers:
                 opt.state.clear()  # optimizers re-create their state lazily at the next step
