@@ -67,14 +67,8 @@ def run(cfg: DictConfig, output_dir: Path, choices: dict[str, Any]) -> float | N
         datamodule.prepare_data()
         datamodule.setup("fit")  # loads the data now: a missing file fails before anything else starts
         net = instantiate(cfg.model, input_shape=datamodule.input_shape, num_classes=datamodule.num_classes)
-        module = ContinualClassifier(
-            net,
-            instantiate(cfg.optimizer),
-            num_tasks=datamodule.num_tasks,
-            num_classes=datamodule.num_classes,
-            reset_optimizer=cfg.reset_optimizer,
-            scenario=datamodule.scenario,
-            task_classes=datamodule.task_classes,
+        module = ContinualClassifier.for_stream(
+            net, instantiate(cfg.optimizer), datamodule, reset_optimizer=cfg.reset_optimizer
         )
         method = instantiate(cfg.method)
         logger = instantiate(cfg.logger) if cfg.get("logger") else False

@@ -91,6 +91,10 @@ BAD = [
     (["dataset.num_tasks=0"], 2, ["num_tasks must be at least 1"]),
     (["epochs_per_task=0"], 2, ["epochs_per_task must be at least 1"]),
     (["ckpt_path=/nonexistent/last.ckpt"], 2, ["is not a file"]),
+    (["dataset=split_mnist", "dataset.scenario=instance"], 2, ["scenario must be one of ['task', 'domain', 'class']"]),
+    (["dataset=split_mnist", "dataset.num_tasks=6"], 2, ["6 tasks of 2 classes need 12 classes"]),
+    (["dataset=rotated_mnist", "dataset.num_tasks=3", "dataset.angles=[0,10]"], 2, ["give one per task"]),
+    (["dataset=split_cifar10", "dataset.download=false"], 2, ["CIFAR10 was not found", "cifar-10-batches-py"]),
 ]
 
 

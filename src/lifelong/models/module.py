@@ -11,9 +11,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.optim import Optimizer
 from torchmetrics.classification import MulticlassAccuracy
-from typing_extensions import override
+from typing_extensions import Self, override
 
-from lifelong.data.streams import stream_of
+from lifelong.data.streams import TaskStream, stream_of
 from lifelong.errors import NonFiniteLossError
 from lifelong.methods.base import ContinualMethod, log_now
 
@@ -89,6 +89,19 @@ class ContinualClassifier(L.LightningModule):
         )
         self.register_buffer("accuracy_matrix", torch.full((num_tasks, num_tasks), float("nan")))
         self._methods: list[ContinualMethod] = []
+
+    @classmethod
+    def for_stream(cls, net: nn.Module, optimizer: OptimizerFactory, stream: TaskStream, **kwargs: Any) -> Self:
+        """The module for ``stream`` (set up): its number of tasks, outputs, scenario and heads."""
+        return cls(
+            net,
+            optimizer,
+            num_tasks=stream.num_tasks,
+            num_classes=stream.num_classes,
+            scenario=stream.scenario,
+            task_classes=stream.task_classes,
+            **kwargs,
+        )
 
     def __setattr__(self, name: str, value: Any) -> None:
         # Lightning sets `_current_fx_name` around every hook call, about 44 times per training step; going
