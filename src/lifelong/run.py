@@ -30,9 +30,10 @@ def stream_trainer(
     """A Trainer that runs ``datamodule``'s whole stream in one ``fit``.
 
     The stream fixes what the trainer's clock means, so these arguments are derived here, not configured:
-    ``max_epochs = num_tasks * epochs_per_task``, train loaders reloaded and validation run every
-    ``epochs_per_task`` epochs (validation = testing every task, one row of the accuracy matrix), no sanity
-    validation, and no distributed sampler (the stream's loaders shard themselves across ranks).
+    ``max_epochs = num_tasks * epochs_per_task``, the train loader rebuilt every epoch (for the epoch's task),
+    validation run every ``epochs_per_task`` epochs (validation = testing every task, one row of the accuracy
+    matrix), no sanity validation, and no distributed sampler (the stream's loaders shard themselves across
+    ranks).
 
     Checkpoints go to ``output_dir/checkpoints``: ``task_<k>.ckpt`` after each task (method state included)
     and ``last.ckpt`` after every epoch; ``trainer.fit(..., ckpt_path=...)`` resumes the stream from one.
@@ -69,7 +70,10 @@ def stream_trainer(
         extra.append(TaskProgressBar())
     trainer_obj = trainer(
         max_epochs=datamodule.max_epochs,
-        reload_dataloaders_every_n_epochs=epochs,
+        # every epoch, not every `epochs`: Lightning counts that schedule from the last reload, which a resumed
+        # run shifts by one (it builds the loaders before it moves to the next epoch), so a run resumed inside
+        # a stream of 2-epoch tasks trained one epoch on the previous task. A loader costs nothing to build.
+        reload_dataloaders_every_n_epochs=1,
         check_val_every_n_epoch=epochs,
         num_sanity_val_steps=0,
         use_distributed_sampler=False,
