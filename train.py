@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from lifelong import train_stream
 from lifelong.errors import LifelongError
+from lifelong.methods import ExperienceReplay
 from lifelong.models import ContinualClassifier
 
 
@@ -66,11 +67,17 @@ def run(cfg: DictConfig, output_dir: Path, choices: dict[str, Any]) -> float | N
         datamodule = instantiate(cfg.dataset)
         datamodule.prepare_data()
         datamodule.setup("fit")  # loads the data now: a missing file fails before anything else starts
+        method = instantiate(cfg.method)
+        callbacks = [method]
+        if cfg.get("replay"):
+            if isinstance(method, ExperienceReplay):
+                raise ValueError("method=er already replays: drop replay=..., or combine replay with another method")
+            callbacks.append(instantiate(cfg.replay))
         net = instantiate(cfg.model, input_shape=datamodule.input_shape, num_classes=datamodule.num_classes)
+        net = method.configure_network(net, datamodule)  # e.g. HAT's per-task masks
         module = ContinualClassifier.for_stream(
             net, instantiate(cfg.optimizer), datamodule, reset_optimizer=cfg.reset_optimizer
         )
-        method = instantiate(cfg.method)
         logger = instantiate(cfg.logger) if cfg.get("logger") else False
         trainer = instantiate(cfg.trainer)
     except (LifelongError, ValueError, TypeError, InstantiationException) as err:
@@ -79,7 +86,7 @@ def run(cfg: DictConfig, output_dir: Path, choices: dict[str, Any]) -> float | N
         _fail(str(cause) if isinstance(cause, (LifelongError, ValueError)) else str(err))
         return None
     info: dict[str, Any] = {
-        "method": choices.get("method"),
+        "method": choices.get("method") + (f"+{choices['replay']}" if choices.get("replay") else ""),
         "dataset": choices.get("dataset"),
         "scenario": datamodule.scenario,
         "model": choices.get("model"),
@@ -95,7 +102,7 @@ def run(cfg: DictConfig, output_dir: Path, choices: dict[str, Any]) -> float | N
             module,
             output_dir,
             trainer=trainer,
-            callbacks=[method],
+            callbacks=callbacks,
             logger=logger,
             info=info,
             ckpt_path=ckpt_path,

@@ -101,6 +101,26 @@ def compose_run(overrides: list[str], run_dir: Path) -> dict:
     return read_metrics(run_dir)
 
 
+METHODS = ("finetune", "ewc", "l2", "si", "mas", "lwf", "er", "hat")
+
+
+@pytest.fixture(scope="session")
+def split_fashion_runs(tmp_path_factory, fashion_available) -> dict:
+    """Every method on real split Fashion-MNIST, 5 tasks x 1 epoch, seed 0: ``{(scenario, method): metrics}``.
+
+    The task scenario for all of them, the class scenario for all but HAT (which is defined for tasks only).
+    """
+    base = tmp_path_factory.mktemp("split_fashion")
+    runs = {}
+    for scenario in ("task", "class"):
+        for method in METHODS:
+            if method == "hat" and scenario == "class":
+                continue
+            overrides = [f"method={method}", "dataset=split_fashion_mnist", f"dataset.scenario={scenario}", "seed=0"]
+            runs[scenario, method] = compose_run([*overrides, "logger=none"], base / f"{scenario}_{method}")
+    return runs
+
+
 # ---- small fixtures in the real on-disk formats of CIFAR-10/100 (pickled batches) and SVHN (.mat) ------------
 def _images_for(labels, rng):
     """uint8 (N, 3, 32, 32) noise whose first pixel encodes the label (so tests can check the layout)."""

@@ -7,8 +7,8 @@ import functools
 import pytest
 import torch
 
-from lifelong.data import PermutedStream
-from lifelong.methods import fisher_sums
+from lifelong.data import PermutedStream, SplitStream
+from lifelong.methods import fisher_sums, mas_sums
 from lifelong.models import MLP, ContinualClassifier
 from tests.conftest import ewc_state, load_checkpoint, read_metrics, run_train
 
@@ -44,3 +44,40 @@ def test_ddp_fisher_equals_the_single_process_fisher(tmp_path, mnist_root):
         err = ((ewc["importance"][name] - f).norm() / f.norm()).item()
         assert err < 1e-6, (name, err)
         torch.testing.assert_close(ewc["anchor"][name], dict(module.named_parameters())[name].detach())
+
+
+@pytest.mark.integration
+def test_ddp_mas_importance_and_replay_memory_match_one_process(tmp_path, mnist_root):
+    """MAS's importance is the single-process one; the replay memory is the same as a one-process run's."""
+    common = [
+        "method=mas",
+        "replay=reservoir",
+        "replay.buffer_size=300",
+        "dataset=split_mnist",
+        "dataset.num_tasks=2",
+        f"dataset.root={mnist_root}",
+        "dataset.max_train_samples=1001",
+        "dataset.max_test_samples=200",
+        "logger=none",
+        "trainer.enable_progress_bar=false",
+    ]
+    ddp = run_train([*common, "trainer=ddp_cpu"], tmp_path / "ddp")
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    one = run_train(common, tmp_path / "one")
+    assert one.returncode == 0, one.stderr[-3000:]
+    states = [load_checkpoint(tmp_path / d / "checkpoints" / "task_1.ckpt") for d in ("ddp", "one")]
+    buffers = [next(v for k, v in s["callbacks"].items() if k.startswith("ExperienceReplay"))["buffer"] for s in states]
+    assert torch.equal(buffers[0]["rows"], buffers[1]["rows"]) and len(buffers[0]["rows"]) == 300
+
+    ckpt = states[0]
+    mas = next(v for k, v in ckpt["callbacks"].items() if k.startswith("MAS"))
+    dm = SplitStream("mnist", num_tasks=2, root=str(mnist_root), max_train_samples=1001, max_test_samples=200)
+    dm.prepare_data()
+    dm.setup("fit")
+    module = ContinualClassifier.for_stream(MLP(dm.input_shape, dm.num_classes), torch.optim.Adam, dm)
+    module.load_state_dict(ckpt["state_dict"])
+    single = mas_sums(module, dm.loader(dm.train_data(0), train=False))
+    assert single.count == 1001
+    for name, omega in single.mean().items():
+        err = ((mas["importance"][name] - omega).norm() / omega.norm().clamp_min(1e-12)).item()
+        assert err < 1e-6, (name, err)

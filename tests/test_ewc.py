@@ -42,7 +42,7 @@ def _quadratic(module: nn.Module, terms: list[tuple[dict, dict]]) -> torch.Tenso
 def test_no_penalty_before_the_first_task_end():
     ewc, module = EWC(), Holder()
     assert ewc.penalty_value(module) is None
-    assert ewc.penalty(module) is None  # EWC never adds a loss term: it adds its gradient directly
+    assert ewc.penalty(module, None, None) is None  # EWC never adds a loss term: it adds its gradient directly
 
 
 def _penalty_grad(ewc: EWC, module: nn.Module, scale: float = 1.0) -> list[torch.Tensor]:

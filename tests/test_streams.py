@@ -277,38 +277,6 @@ def _check_run(m: dict, run_dir) -> None:
 
 
 # ---- the known results, on real data --------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def split_fashion_runs(tmp_path_factory, fashion_available):
-    """Fine-tuning and EWC on real split Fashion-MNIST, 5 tasks x 1 epoch, task and class scenarios."""
-    base = tmp_path_factory.mktemp("split_fashion")
-    return {
-        (scenario, method): compose_run(
-            [f"method={method}", "dataset=split_fashion_mnist", f"dataset.scenario={scenario}", "seed=0"],
-            base / f"{scenario}_{method}",
-        )
-        for scenario in ("task", "class")
-        for method in ("finetune", "ewc")
-    }
-
-
-@pytest.mark.integration
-def test_split_fashion_task_scenario_ewc_beats_finetuning(split_fashion_runs):
-    ewc, ft = split_fashion_runs["task", "ewc"], split_fashion_runs["task", "finetune"]
-    assert ewc["num_tasks"] == 5 and ewc["scenario"] == "task"
-    assert ewc["avg_accuracy"] > ft["avg_accuracy"] + 0.01, (ewc["avg_accuracy"], ft["avg_accuracy"])
-    assert ewc["bwt"] > ft["bwt"]
-
-
-@pytest.mark.integration
-def test_split_fashion_class_scenario_is_hard_for_both(split_fashion_runs):
-    # the known result (van de Ven & Tolias 2019; Hsu et al. 2018): without replay, both end near 1/5,
-    # predicting only the last task's classes
-    for method in ("finetune", "ewc"):
-        m = split_fashion_runs["class", method]
-        assert m["avg_accuracy"] < 0.3, (method, m["avg_accuracy"])
-        assert m["accuracy_matrix"][-1][-1] > 0.9  # the last task itself is learnt
-
-
 @pytest.mark.integration
 def test_mnist_usps_ewc_keeps_more_mnist(mnist_root, tmp_path):
     # lambda 600: the second task (USPS, 7,291 images) is small, so the default 60 protects MNIST only a little

@@ -200,6 +200,23 @@ class TaskStream(L.LightningDataModule):
     def test_data(self, task: int) -> TaskData:
         return self._test[task]
 
+    def replay_batch(
+        self, rows: torch.Tensor, tasks: torch.Tensor, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """A training batch ``(x, y, task)`` of stored samples: ``rows`` of the training images, with their tasks.
+
+        What replay methods use: a buffer holds these indices, not copies of images, and every batch is
+        made as the stream's own are (with the training augmentation when a ``generator`` is given).
+        """
+        data = self._train[0]  # every task's rows index the same training images
+        x = self.transform(data.images.index_select(0, rows), tasks, None)  # type: ignore[misc]
+        if self.augment is not None and generator is not None:
+            x = self.augment(x, generator)
+        y = data.labels.index_select(0, rows)
+        if self.targets is not None:
+            y = self.targets[tasks, y]
+        return x, y, tasks
+
     def _rank(self) -> tuple[int, int]:
         trainer = self.trainer
         return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)

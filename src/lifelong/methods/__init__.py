@@ -4,14 +4,32 @@ from lifelong.methods.base import ContinualMethod
 from lifelong.methods.ewc import EWC
 from lifelong.methods.finetune import Finetune
 from lifelong.methods.fisher import FisherSums, fisher_sums, per_sample_loop_fisher
+from lifelong.methods.hat import HAT, HATNet
 from lifelong.methods.joint import Joint
+from lifelong.methods.l2 import L2
+from lifelong.methods.lwf import LwF
+from lifelong.methods.mas import MAS, mas_sums, per_sample_loop_mas
+from lifelong.methods.quadratic import QuadraticRegularizer
+from lifelong.methods.replay import ExperienceReplay, ReplayBuffer
+from lifelong.methods.si import SI
 
 __all__ = [
     "EWC",
+    "HAT",
+    "L2",
+    "MAS",
+    "SI",
     "ContinualMethod",
+    "ExperienceReplay",
     "Finetune",
     "FisherSums",
+    "HATNet",
     "Joint",
+    "LwF",
+    "QuadraticRegularizer",
+    "ReplayBuffer",
     "fisher_sums",
+    "mas_sums",
     "per_sample_loop_fisher",
+    "per_sample_loop_mas",
 ]

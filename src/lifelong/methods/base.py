@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import lightning as L
 from lightning.pytorch.callbacks import Callback
-from torch import Tensor
+from torch import Tensor, nn
+
+from lifelong.data.streams import TaskStream
+from lifelong.data.tensors import Batch
 
 
 def log_now(trainer: L.Trainer) -> bool:
@@ -28,6 +31,19 @@ class ContinualMethod(Callback):
 
     name = "method"
 
-    def penalty(self, pl_module: L.LightningModule) -> Tensor | None:
-        """The term added to the training loss at this step, or ``None`` for none."""
+    def configure_network(self, net: nn.Module, stream: TaskStream) -> nn.Module:
+        """The network to train, given the model's: methods that change the network (HAT's masks) wrap it here.
+
+        Called once, before the LightningModule is built; the default leaves the network as it is.
+        """
+        return net
+
+    def penalty(self, pl_module: L.LightningModule, batch: Batch, outputs: Tensor) -> Tensor | None:
+        """The term added to the training loss at this step, or ``None`` for none.
+
+        Args:
+            pl_module: the :class:`~lifelong.models.ContinualClassifier`.
+            batch: the step's ``(x, y, task)``.
+            outputs: the network's raw outputs on ``x``, every head's (before the scenario's masking).
+        """
         return None

@@ -87,23 +87,29 @@ def _fast_rule(module: nn.Module) -> bool:
 _CONV_CHUNK = 32  # samples per grouped convolution: keeps the per-sample gradients (chunk, C_out, K) in cache
 
 
-def _per_sample_sq_grads(module: nn.Module, a: Tensor, g: Tensor, w: Tensor) -> dict[str, Tensor]:
-    """Sum over the batch of ``w_n * (per-sample gradient)**2`` for a Linear or Conv2d layer.
+def _pow(t: Tensor, power: int) -> Tensor:
+    """``|t| ** power`` in place (``t`` is a fresh temporary): squares for the Fisher, magnitudes for MAS."""
+    return t.square_() if power == 2 else t.abs_()
+
+
+def per_sample_grad_powers(module: nn.Module, a: Tensor, g: Tensor, w: Tensor, power: int = 2) -> dict[str, Tensor]:
+    """Sum over the batch of ``w_n * |per-sample gradient| ** power`` for a Linear or Conv2d layer.
 
     Args:
         module: the layer.
         a: its input, ``(B, ..., in)`` for Linear, ``(B, C_in, H, W)`` for Conv2d.
         g: gradient of the summed loss at its output (same leading shapes as the output).
         w: ``(B,)`` per-sample weights (1 for empirical/sampled, p(c|x) for exact).
+        power: 2 (the Fisher's squares) or 1 (MAS's magnitudes).
     """
     out: dict[str, Tensor] = {}
     if isinstance(module, nn.Linear):  # with extra dims (e.g. tokens); (B, in) inputs are done in fisher_sums
         # a sample's gradient sums over the extra dims before squaring
         a3, g3 = a.flatten(1, -2), g.flatten(1, -2)  # (B, S, in), (B, S, out)
         gw = torch.einsum("bso,bsi->boi", g3, a3)  # (B, out, in)
-        out["weight"] = torch.einsum("b,boi->oi", w, gw.square())
+        out["weight"] = torch.einsum("b,boi->oi", w, _pow(gw, power))
         if module.bias is not None:
-            out["bias"] = torch.einsum("b,bo->o", w, g3.sum(1).square())
+            out["bias"] = torch.einsum("b,bo->o", w, _pow(g3.sum(1), power))
         return out
     assert isinstance(module, nn.Conv2d) and not isinstance(module.padding, str)
     # Per-sample weight gradients by one grouped convolution per chunk: the batch becomes the groups, so
@@ -123,14 +129,14 @@ def _per_sample_sq_grads(module: nn.Module, a: Tensor, g: Tensor, w: Tensor) -> 
             dilation=module.dilation,
             groups=n,
         ).view(n, c_out, c_in, kh, kw)  # per-sample weight gradients
-        weight += torch.einsum("b,boikl->oikl", wc, gw.square_())
+        weight += torch.einsum("b,boikl->oikl", wc, _pow(gw, power))
     out["weight"] = weight
     if module.bias is not None:
-        out["bias"] = torch.einsum("b,bo->o", w, g.sum((2, 3)).square())
+        out["bias"] = torch.einsum("b,bo->o", w, _pow(g.sum((2, 3)), power))
     return out
 
 
-class _Recorder:
+class Recorder:
     """Forward hooks that record each fast-rule layer's input and output during one forward pass."""
 
     def __init__(self, modules: Mapping[str, nn.Module]) -> None:
@@ -152,7 +158,7 @@ class _Recorder:
             h.remove()
 
 
-def _plan(model: nn.Module, params: Mapping[str, nn.Parameter]) -> tuple[dict[str, nn.Module], list[str]]:
+def plan_layers(model: nn.Module, params: Mapping[str, nn.Parameter]) -> tuple[dict[str, nn.Module], list[str]]:
     """Split ``params`` into layers handled by the fast rule and names left to the fallback."""
     wanted = {id(p): name for name, p in params.items()}
     owners: dict[int, int] = {}
@@ -263,12 +269,12 @@ def fisher_sums(
         raise ValueError(f"fisher_type must be one of {FISHER_TYPES}, got {fisher_type!r}")
     if params is None:
         params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    fast, fallback = _plan(model, params)
+    fast, fallback = plan_layers(model, params)
     param_names = {id(p): n for n, p in params.items()}
     result = FisherSums(_zeros(params))
     was_training = model.training
     model.eval()
-    recorder = _Recorder(fast)
+    recorder = Recorder(fast)
     try:
         for x, y, task in batches:
             recorder.clear()
@@ -298,7 +304,7 @@ def fisher_sums(
                         g2 = g.detach().square().mul_(weights[:, None])  # (B, out)
                         g2_sums[name] = g2_sums[name].add_(g2) if name in g2_sums else g2
                         continue
-                    for pname, s in _per_sample_sq_grads(module, a, g.detach(), weights).items():
+                    for pname, s in per_sample_grad_powers(module, a, g.detach(), weights).items():
                         result.sums[param_names[id(getattr(module, pname))]] += s
             for name, g2 in g2_sums.items():
                 module, a = fast[name], recorder.records[name][0][0]

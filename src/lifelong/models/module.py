@@ -82,8 +82,8 @@ class ContinualClassifier(L.LightningModule):
         for t, c in enumerate(classes):
             mask[t, c] = True
         self.register_buffer("task_mask", mask, persistent=False)  # (T, C): each task's head
-        # the class scenario: how many outputs the classes of tasks 0..t span (outputs are in task order)
-        self._seen_outputs = [max(max(c) for c in classes[: t + 1]) + 1 for t in range(num_tasks)]
+        # how many outputs the classes of tasks 0..t span (outputs are in task order): the class scenario's head
+        self.seen_outputs = [max(max(c) for c in classes[: t + 1]) + 1 for t in range(num_tasks)]
         self.val_acc: list[MulticlassAccuracy] = nn.ModuleList(  # type: ignore[assignment]
             MulticlassAccuracy(num_classes, average="micro") for _ in range(num_tasks)
         )
@@ -115,14 +115,23 @@ class ContinualClassifier(L.LightningModule):
     @override
     def forward(self, x: Tensor, task: Tensor | None = None) -> Tensor:
         """Logits of ``x`` ``(B, ...)`` whose samples belong to the tasks ``task`` ``(B,)``: see the heads above."""
-        logits = self.net(x)  # (B, C)
+        return self.heads(self.outputs(x, task), task)
+
+    def outputs(self, x: Tensor, task: Tensor | None = None) -> Tensor:
+        """The network's raw outputs, every head's: ``(B, num_classes)``."""
+        if getattr(self.net, "takes_task", False):  # a network that depends on the task (HAT's masks)
+            return self.net(x, task)
+        return self.net(x)
+
+    def heads(self, logits: Tensor, task: Tensor | None) -> Tensor:
+        """The scenario's logits from the raw outputs (see the class docstring)."""
         if self.scenario == "task":
             if task is None:
                 raise ValueError("the task scenario needs each sample's task: forward(x, task)")
             mask = self.task_mask.index_select(0, task)  # (B, C)
             return logits.masked_fill(~mask, torch.finfo(logits.dtype).min)
         if self.scenario == "class":
-            return logits[:, : self._seen_outputs[self.current_task]]
+            return logits[:, : self.seen_outputs[self.current_task]]
         return logits
 
     @override
@@ -142,14 +151,15 @@ class ContinualClassifier(L.LightningModule):
     @override
     def training_step(self, batch: tuple[Tensor, Tensor, Tensor], batch_idx: int) -> Tensor:
         x, y, task = batch
-        loss = F.cross_entropy(self.forward(x, task), y)  # forward, not __call__: no module hooks to run here
+        outputs = self.outputs(x, task)
+        loss = F.cross_entropy(self.heads(outputs, task), y)
         if not torch.isfinite(loss):  # stop before a NaN reaches the weights (and any checkpoint)
             raise self._non_finite(loss, batch_idx)
         log = log_now(self.trainer)
         if log:
             self.log("train/loss", loss, prog_bar=True)
         for method in self._methods:
-            penalty = method.penalty(self)
+            penalty = method.penalty(self, batch, outputs)
             if penalty is not None:
                 if log:
                     self.log(f"train/{method.name}_penalty", penalty)

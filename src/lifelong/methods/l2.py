@@ -1,0 +1,39 @@
+"""The plain L2 anchor baseline."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import lightning as L
+import torch
+from torch import Tensor
+
+from lifelong.methods.quadratic import QuadraticRegularizer, check_strength
+
+
+class L2(QuadraticRegularizer):
+    r"""EWC's quadratic with every importance 1: :math:`\frac{\lambda}{2} \sum_k \|\theta - \theta^*_k\|^2`.
+
+    The baseline that shows what EWC's Fisher adds (Kirkpatrick et al., 2017, compare it as "L2"): every
+    parameter is held back equally. Same ``lambda/2`` convention and modes as :class:`~lifelong.methods.EWC`.
+
+    Args:
+        l2_lambda: strength :math:`\lambda \geq 0`.
+        mode: ``"separate"`` (one term per past task, merged exactly) or ``"online"`` (latest anchor).
+        decay: online mode's :math:`\gamma`.
+    """
+
+    name = "l2"
+
+    def __init__(self, l2_lambda: float = 0.1, mode: str = "separate", decay: float = 1.0) -> None:
+        super().__init__(mode=mode, decay=decay)
+        self.l2_lambda = check_strength("l2_lambda", l2_lambda)
+
+    @property
+    def coefficient(self) -> float:
+        return 0.5 * self.l2_lambda
+
+    def task_importance(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, task: int, params: Mapping[str, Tensor]
+    ) -> dict[str, Tensor]:
+        return {n: torch.ones_like(p) for n, p in params.items()}

@@ -1,0 +1,113 @@
+"""Learning without Forgetting (Li & Hoiem, 2016): distillation from the previous model's outputs."""
+
+from __future__ import annotations
+
+import copy
+from typing import TYPE_CHECKING, Any, cast
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from typing_extensions import override
+
+from lifelong.data.streams import stream_of
+from lifelong.data.tensors import Batch
+from lifelong.methods.base import ContinualMethod
+
+if TYPE_CHECKING:
+    from lifelong.models.module import ContinualClassifier
+
+
+def distillation(new: Tensor, old: Tensor, temperature: float) -> Tensor:
+    """``KL(softmax(old / T) || softmax(new / T))``, averaged over the batch; ``(B, K)`` logits each.
+
+    The same gradient as Li & Hoiem's cross-entropy with the softened old outputs as targets (they differ by
+    the old outputs' entropy, a constant), and 0 when the new outputs equal the old.
+    """
+    log_new = F.log_softmax(new.float() / temperature, dim=-1)
+    log_old = F.log_softmax(old.float() / temperature, dim=-1)
+    return F.kl_div(log_new, log_old, log_target=True, reduction="batchmean")
+
+
+class LwF(ContinualMethod):
+    r"""Learning without Forgetting (Li & Hoiem, 2016).
+
+    At the end of each task (but the last) a frozen copy of the network is kept. While later tasks train,
+    the loss gains :math:`\alpha \sum_h \mathrm{KL}(\sigma(o_h/T) \,\|\, \sigma(\hat o_h/T))` on the current
+    batch, where :math:`o_h` are the old network's outputs of head :math:`h` and :math:`\hat o_h` the new
+    network's: in the task scenario one term per earlier task's head (the paper's multi-head setting), in
+    the class scenario one term over all classes seen before the current task, in the domain scenario one
+    over the shared head. The paper's defaults: :math:`T = 2`, :math:`\alpha = 1` (no :math:`T^2` factor).
+
+    No data of earlier tasks is stored: the old network's outputs on the new task's inputs stand in for it.
+    Under DDP every rank copies the same weights, so the old network is the same everywhere. The old
+    network's weights are in :meth:`state_dict`.
+
+    Args:
+        lwf_alpha: weight :math:`\alpha \geq 0` of the distillation term.
+        temperature: :math:`T > 0`.
+    """
+
+    name = "lwf"
+
+    def __init__(self, lwf_alpha: float = 1.0, temperature: float = 2.0) -> None:
+        super().__init__()
+        if not lwf_alpha >= 0:
+            raise ValueError(f"method.lwf_alpha must be >= 0, got {lwf_alpha}")
+        if not temperature > 0:
+            raise ValueError(f"method.temperature must be > 0, got {temperature}")
+        self.lwf_alpha = float(lwf_alpha)
+        self.temperature = float(temperature)
+        self.old_tasks = 0  # tasks the old network has learnt (0: no old network yet)
+        self._old: nn.Module | None = None
+        self._old_state: dict[str, Tensor] | None = None  # restored from a checkpoint, loaded at fit start
+
+    def _freeze(self, net: nn.Module) -> nn.Module:
+        old = copy.deepcopy(net).eval()
+        for p in old.parameters():
+            p.requires_grad_(False)
+        return old
+
+    @override
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._old_state is not None:
+            self._old = self._freeze(pl_module.net)  # type: ignore[arg-type]
+            self._old.load_state_dict(self._old_state)
+            self._old_state = None
+
+    @override
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        dm = stream_of(trainer)
+        epoch = trainer.current_epoch
+        task = dm.task_of_epoch(epoch)
+        if dm.is_task_end(epoch) and task < dm.num_tasks - 1:
+            self._old = self._freeze(pl_module.net)  # type: ignore[arg-type]
+            self.old_tasks = task + 1
+
+    @override
+    def penalty(self, pl_module: L.LightningModule, batch: Batch, outputs: Tensor) -> Tensor | None:
+        if self._old is None or self.lwf_alpha == 0:
+            return None
+        x, _, task = batch
+        with torch.no_grad():
+            old = self._old(x, task) if getattr(self._old, "takes_task", False) else self._old(x)
+        module = cast("ContinualClassifier", pl_module)
+        if module.scenario == "task":
+            heads = [torch.tensor(c, device=x.device) for c in module.task_classes[: self.old_tasks]]
+        elif module.scenario == "class":
+            heads = [torch.arange(module.seen_outputs[self.old_tasks - 1], device=x.device)]
+        else:
+            heads = [torch.arange(outputs.shape[1], device=x.device)]
+        loss = sum(distillation(outputs[:, h], old[:, h], self.temperature) for h in heads)
+        return self.lwf_alpha * loss  # type: ignore[return-value]
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        old = {k: v.detach().cpu() for k, v in self._old.state_dict().items()} if self._old is not None else None
+        return {"old_tasks": self.old_tasks, "old_network": old}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.old_tasks = int(state_dict.get("old_tasks", 0))
+        self._old_state = state_dict.get("old_network")

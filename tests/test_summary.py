@@ -1,0 +1,83 @@
+"""The sweep summary tool on a folder of synthetic metrics.json files."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+
+import pytest
+
+from lifelong.metrics.summary import collect, main, markdown
+from tests.conftest import REPO
+
+
+def _write(folder, method, seed, acc, bwt, forgetting, scenario="task", done=3):
+    folder.mkdir(parents=True)
+    metrics = {
+        "accuracy_matrix": [[acc]],
+        "avg_accuracy": acc,
+        "bwt": bwt,
+        "forgetting": forgetting,
+        "num_tasks": 3,
+        "tasks_completed": done,
+        "method": method,
+        "dataset": "split_mnist",
+        "scenario": scenario,
+        "seed": seed,
+    }
+    (folder / "metrics.json").write_text(json.dumps(metrics))
+
+
+@pytest.fixture
+def sweep(tmp_path):
+    root = tmp_path / "multirun"
+    _write(root / "a" / "0", "ewc", 0, 0.90, -0.02, 0.03)
+    _write(root / "a" / "1", "ewc", 1, 0.94, -0.04, 0.05)
+    _write(root / "a" / "2", "ewc", 2, 0.92, -0.06, 0.07)
+    _write(root / "b" / "0", "finetune", 0, 0.60, -0.30, 0.30)
+    _write(root / "b" / "1", "finetune", 1, 0.70, -0.20, 0.20)
+    _write(root / "c" / "0", "finetune", 0, 0.19, -0.99, 0.99, scenario="class")
+    _write(root / "d" / "0", "ewc", 3, 0.10, -0.50, 0.50, done=1)  # an unfinished run is left out
+    (root / "e").mkdir()
+    (root / "e" / "metrics.json").write_text("{not json")
+    return root
+
+
+def test_means_and_stds_by_hand(sweep):
+    groups, skipped = collect(sweep)
+    assert len(skipped) == 2 and any("unfinished" in s for s in skipped)
+    by = {(g.method, g.scenario): g for g in groups}
+    ewc = by["ewc", "task"]
+    assert ewc.seeds == [0, 1, 2]
+    assert ewc.mean("avg_accuracy") == pytest.approx(0.92)
+    assert ewc.std("avg_accuracy") == pytest.approx(0.02)  # sqrt(((-.02)^2 + 0 + .02^2) / 2)
+    assert ewc.mean("bwt") == pytest.approx(-0.04) and ewc.std("forgetting") == pytest.approx(0.02)
+    ft = by["finetune", "task"]
+    assert ft.mean("avg_accuracy") == pytest.approx(0.65)
+    assert ft.std("avg_accuracy") == pytest.approx(0.0707107, abs=1e-6)  # |0.6 - 0.7| / sqrt(2)
+    assert by["finetune", "class"].std("avg_accuracy") == 0.0
+    table = markdown(groups)
+    assert "| split_mnist | task | 3 | `ewc` | 3 | 92.00 ± 2.00 | -4.00 ± 2.00 | 5.00 ± 2.00 |" in table
+    assert "| split_mnist | class | 3 | `finetune` | 1 | 19.00 | -99.00 | 99.00 |" in table
+
+
+def test_command_prints_the_table_and_writes_csv_and_plot(sweep, capsys):
+    assert main([str(sweep), "--plot"]) == 0
+    out = capsys.readouterr().out
+    assert "92.00 ± 2.00" in out and "6 runs in 3 groups" in out
+    with open(sweep / "summary.csv") as f:
+        rows = list(csv.DictReader(f))
+    ewc = next(r for r in rows if r["method"] == "ewc")
+    assert float(ewc["avg_accuracy_mean"]) == pytest.approx(0.92) and ewc["seeds"] == "0 1 2"
+    assert (sweep / "summary.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_empty_or_missing_folder_is_an_error(tmp_path, capsys):
+    assert main([str(tmp_path)]) == 2
+    assert "no finished run" in capsys.readouterr().err
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "summarize.py"), str(tmp_path / "nope")], capture_output=True, text=True
+    )
+    assert proc.returncode == 2 and "is not a folder" in proc.stderr
