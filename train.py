@@ -19,14 +19,21 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from lifelong import train_stream
+from lifelong.data import TaskStream
 from lifelong.errors import LifelongError
-from lifelong.methods import ExperienceReplay
+from lifelong.methods import ContinualMethod, ExperienceReplay
 from lifelong.models import ContinualClassifier
 
 
 def _fail(message: str) -> None:
     print(f"\nerror: {message}", file=sys.stderr, flush=True)
     sys.exit(2)
+
+
+def _fail_on(err: BaseException) -> None:
+    """A wrong value or missing data: one message, no traceback from inside the library."""
+    cause = _root_cause(err)
+    _fail(str(cause) if isinstance(cause, (LifelongError, ValueError)) else str(err))
 
 
 def _root_cause(err: BaseException) -> BaseException:
@@ -56,6 +63,28 @@ def main(cfg: DictConfig) -> float | None:
     return run(cfg, Path(hc.runtime.output_dir), dict(hc.runtime.choices))
 
 
+def build(cfg: DictConfig) -> tuple[TaskStream, ContinualClassifier, list[ContinualMethod]]:
+    """The stream (set up: its data loaded), the module and the methods of a composed config.
+
+    Raises ``LifelongError``, ``ValueError`` or Hydra's ``InstantiationException`` on bad values or data.
+    """
+    datamodule = instantiate(cfg.dataset)
+    datamodule.prepare_data()
+    datamodule.setup("fit")  # loads the data now: a missing file fails before anything else starts
+    method = instantiate(cfg.method)
+    callbacks = [method]
+    if cfg.get("replay"):
+        if isinstance(method, ExperienceReplay):
+            raise ValueError("method=er already replays: drop replay=..., or combine replay with another method")
+        callbacks.append(instantiate(cfg.replay))
+    net = instantiate(cfg.model, input_shape=datamodule.input_shape, num_classes=datamodule.num_classes)
+    net = method.configure_network(net, datamodule)  # e.g. HAT's per-task masks
+    module = ContinualClassifier.for_stream(
+        net, instantiate(cfg.optimizer), datamodule, reset_optimizer=cfg.reset_optimizer
+    )
+    return datamodule, module, callbacks
+
+
 def run(cfg: DictConfig, output_dir: Path, choices: dict[str, Any]) -> float | None:
     """Train through the stream of a composed config; results go to ``output_dir``. Returns the average accuracy.
 
@@ -64,26 +93,11 @@ def run(cfg: DictConfig, output_dir: Path, choices: dict[str, Any]) -> float | N
     """
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     try:
-        datamodule = instantiate(cfg.dataset)
-        datamodule.prepare_data()
-        datamodule.setup("fit")  # loads the data now: a missing file fails before anything else starts
-        method = instantiate(cfg.method)
-        callbacks = [method]
-        if cfg.get("replay"):
-            if isinstance(method, ExperienceReplay):
-                raise ValueError("method=er already replays: drop replay=..., or combine replay with another method")
-            callbacks.append(instantiate(cfg.replay))
-        net = instantiate(cfg.model, input_shape=datamodule.input_shape, num_classes=datamodule.num_classes)
-        net = method.configure_network(net, datamodule)  # e.g. HAT's per-task masks
-        module = ContinualClassifier.for_stream(
-            net, instantiate(cfg.optimizer), datamodule, reset_optimizer=cfg.reset_optimizer
-        )
+        datamodule, module, callbacks = build(cfg)
         logger = instantiate(cfg.logger) if cfg.get("logger") else False
         trainer = instantiate(cfg.trainer)
     except (LifelongError, ValueError, TypeError, InstantiationException) as err:
-        # a wrong value or missing data: one message, no traceback from inside the library
-        cause = _root_cause(err)
-        _fail(str(cause) if isinstance(cause, (LifelongError, ValueError)) else str(err))
+        _fail_on(err)
         return None
     info: dict[str, Any] = {
         "method": choices.get("method") + (f"+{choices['replay']}" if choices.get("replay") else ""),

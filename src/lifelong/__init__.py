@@ -1,6 +1,6 @@
 """lifelong: continual learning on PyTorch Lightning and Hydra."""
 
-from lifelong.run import stream_trainer, train_stream
+from lifelong.run import evaluate, stream_trainer, train_stream
 
-__all__ = ["stream_trainer", "train_stream"]
+__all__ = ["evaluate", "stream_trainer", "train_stream"]
 __version__ = "0.1.0"

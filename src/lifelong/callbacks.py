@@ -69,6 +69,11 @@ class StreamReport(L.Callback):
         self._start = time.perf_counter()
 
     @override
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        """Make every checkpoint self-describing: the run's fields and resolved config (what eval.py rebuilds)."""
+        checkpoint["lifelong"] = {"info": self.info}
+
+    @override
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         rows: torch.Tensor = pl_module.completed_rows().cpu()  # type: ignore[operator]
         dm = stream_of(trainer)

@@ -7,8 +7,10 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import Logger
+from torchmetrics.classification import MulticlassAccuracy
 
 from lifelong.callbacks import StreamReport, TaskProgressBar
 from lifelong.data.streams import TaskStream
@@ -100,3 +102,34 @@ def train_stream(
     trainer, report = stream_trainer(datamodule, output_dir, **kwargs)
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     return report.metrics
+
+
+@torch.no_grad()
+def evaluate(module: ContinualClassifier, stream: TaskStream, after_task: int | None = None) -> list[float]:
+    """Test accuracy on every task of ``stream`` (set up), as the stream's validation measures it.
+
+    Args:
+        module: the trained module, on the device it should run on (the stream's data is moved there).
+        stream: the stream it was trained on.
+        after_task: the last task trained (0-based), which sets the class scenario's head; default: the
+            module's ``current_task``.
+
+    Returns:
+        One accuracy per task, in [0, 1]: a row of the accuracy matrix.
+    """
+    was_training = module.training
+    module.eval()
+    if after_task is not None:
+        module.current_task = after_task
+    device = next(module.parameters()).device
+    stream.to(device)
+    row = []
+    try:
+        for j in range(stream.num_tasks):
+            metric = MulticlassAccuracy(module.num_classes, average="micro").to(device)
+            for x, y, task in stream.loader(stream.test_data(j), train=False):
+                metric.update(module(x, task).argmax(-1), y)
+            row.append(float(metric.compute()))
+    finally:
+        module.train(was_training)
+    return row

@@ -172,6 +172,11 @@ class TaskStream(L.LightningDataModule):
                 for i, d in enumerate(tasks):
                     tasks[i] = d.subset(int(limit), torch.Generator().manual_seed(self.seed * 31 + salt))
 
+    def to(self, device: torch.device | str) -> TaskStream:
+        """Hold the stream's data on ``device`` (the trainer does this at setup)."""
+        self._place(torch.device(device))
+        return self
+
     def _place(self, device: torch.device) -> None:
         """Move every task's tensors to ``device`` once, keeping shared bases shared."""
         if device == self._device:

@@ -120,8 +120,8 @@ def bar_chart(groups: Sequence[Group], title: str = "") -> Figure:
         ax.set_ylabel("average accuracy (%)")
         ax.set_ylim(0, 100)
         ax.set_title(f"{dataset}, {scenario} scenario, {tasks} tasks (mean ± std over seeds)", fontsize=9)
-        for i, (m, g) in enumerate(zip(means, gs, strict=True)):
-            ax.text(i, min(m + 2, 95), f"{m:.1f}\n(n={len(g.seeds)})", ha="center", fontsize=7)
+        for i, (m, g) in enumerate(zip(means, gs, strict=True)):  # inside the bar: clear of the title
+            ax.text(i, m / 2, f"{m:.1f}\nn={len(g.seeds)}", ha="center", va="center", fontsize=7, color="white")
     if title:
         fig.suptitle(title)
     fig.tight_layout()

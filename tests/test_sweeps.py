@@ -1,0 +1,66 @@
+"""Hydra sweeps through train.py: the basic launcher with the summary, joblib in parallel, and Optuna."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from tests.conftest import QUIET, REPO
+
+SMALL = [
+    "dataset=split_mnist",
+    "dataset.num_tasks=2",
+    "dataset.max_train_samples=300",
+    "dataset.max_test_samples=100",
+    "logger=none",
+    *QUIET,
+]
+
+
+def _sweep(args: list[str], sweep_dir) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, str(REPO / "train.py"), "-m", *args, f"hydra.sweep.dir={sweep_dir}"]
+    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.integration
+def test_sweep_then_summary(tmp_path, mnist_root):
+    sweep = tmp_path / "sweep"
+    proc = _sweep(["method=finetune,si", "seed=0,1", f"dataset.root={mnist_root}", *SMALL], sweep)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = sorted(p.parent.relative_to(sweep).as_posix() for p in sweep.rglob("metrics.json"))
+    assert runs == [
+        "split_mnist/finetune/0_seed0",
+        "split_mnist/finetune/1_seed1",
+        "split_mnist/si/2_seed0",
+        "split_mnist/si/3_seed1",
+    ]
+    summary = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "summarize.py"), str(sweep), "--plot"], capture_output=True, text=True
+    )
+    assert summary.returncode == 0, summary.stderr
+    assert "| split_mnist | task | 2 | `si` | 2 |" in summary.stdout
+    assert (sweep / "summary.csv").is_file() and (sweep / "summary.png").is_file()
+
+
+@pytest.mark.integration
+def test_joblib_launcher_runs_jobs_in_parallel_processes(tmp_path, mnist_root):
+    sweep = tmp_path / "sweep"
+    args = ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "method=finetune,ewc", f"dataset.root={mnist_root}"]
+    proc = _sweep([*args, *SMALL], sweep)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert len(list(sweep.rglob("metrics.json"))) == 2
+
+
+@pytest.mark.integration
+def test_optuna_searches_lambda_and_learning_rate(tmp_path, mnist_root):
+    sweep = tmp_path / "sweep"
+    args = ["hydra/sweeper=ewc_search", "hydra.sweeper.n_trials=2", f"dataset.root={mnist_root}"]
+    proc = _sweep([*args, *SMALL], sweep)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
+    assert set(result["best_params"]) == {"method.ewc_lambda", "optimizer.lr"}
+    assert 0 < result["best_value"] <= 1  # the runs' average accuracy, returned by train.py
+    assert len(list(sweep.rglob("metrics.json"))) == 2
