@@ -59,3 +59,27 @@ def test_top_level_keys_reach_the_parts(tmp_path):
     assert (dm.seed, dm.epochs_per_task) == (7, 3)
     ewc = instantiate(cfg.method)
     assert (ewc.mode, ewc.ewc_lambda) == ("online", 5.0)
+
+
+@pytest.mark.parametrize("option", [p.stem for p in sorted((CONF / "replay").glob("*.yaml"))])
+def test_replay_composes_beside_a_method(tmp_path, option):
+    cfg = _compose(tmp_path, ["method=ewc", f"replay={option}"])
+    replay = instantiate(cfg.replay)
+    assert isinstance(replay, ContinualMethod) and replay.buffer.policy == option
+
+
+EXPERIMENTS = [p.stem for p in sorted((CONF / "experiment").glob("*.yaml"))]
+
+
+@pytest.mark.parametrize("option", EXPERIMENTS)
+def test_experiment_presets_pin_their_protocol(tmp_path, option):
+    assert len(EXPERIMENTS) >= 4
+    cfg = _compose(tmp_path, [f"experiment={option}", "method=ewc", "method.ewc_lambda=200"])
+    dm = instantiate(cfg.dataset)
+    assert cfg.optimizer.lr in (0.001, 0.0001) and cfg.reset_optimizer and dm.batch_size == 128
+    assert instantiate(cfg.method).ewc_lambda == 200  # presets leave the method to the command line
+    if option.startswith("hsu2018"):
+        assert (dm.num_tasks, dm.scenario, dm.epochs_per_task) == (5, option.rsplit("_", 1)[1], 4)
+        assert list(cfg.model.hidden_sizes) == [400, 400]
+    else:
+        assert (dm.num_tasks, dm.scenario) == (10, "domain") and list(cfg.model.hidden_sizes) == [1000, 1000]

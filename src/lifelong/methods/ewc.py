@@ -10,7 +10,7 @@ from torch import Tensor
 
 from lifelong.data.streams import stream_of
 from lifelong.methods.fisher import FISHER_TYPES, fisher_sums
-from lifelong.methods.quadratic import QuadraticRegularizer, all_reduce_mean, check_strength
+from lifelong.methods.quadratic import QuadraticRegularizer, all_reduce_mean, check_strength, task_sample
 
 
 class EWC(QuadraticRegularizer):
@@ -73,9 +73,7 @@ class EWC(QuadraticRegularizer):
     ) -> dict[str, Tensor]:
         """The diagonal Fisher of ``task``, over its training data (or ``num_samples`` of it)."""
         dm = stream_of(trainer)
-        data = dm.train_data(task)
-        if self.num_samples is not None:
-            data = data.subset(self.num_samples, torch.Generator().manual_seed(dm.seed * 7919 + task))
+        data = task_sample(dm, task, self.num_samples)
         generator = torch.Generator().manual_seed(dm.seed * 104_729 + task + trainer.global_rank)
         sums = fisher_sums(
             pl_module,

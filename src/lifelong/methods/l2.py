@@ -12,20 +12,24 @@ from lifelong.methods.quadratic import QuadraticRegularizer, check_strength
 
 
 class L2(QuadraticRegularizer):
-    r"""EWC's quadratic with every importance 1: :math:`\frac{\lambda}{2} \sum_k \|\theta - \theta^*_k\|^2`.
+    r"""EWC's quadratic with every importance 1: :math:`\frac{\lambda}{2} \|\theta - \theta^*\|^2`.
 
     The baseline that shows what EWC's Fisher adds (Kirkpatrick et al., 2017, compare it as "L2"): every
-    parameter is held back equally. Same ``lambda/2`` convention and modes as :class:`~lifelong.methods.EWC`.
+    parameter is held back equally, by default towards the weights at the end of the previous task
+    (``mode="online"``, ``decay=0``: the importance stays 1, as in Hsu et al. 2018's L2). Separate mode (one
+    term per past task) is available but pulls towards the mean of all past anchors, which for output heads
+    trained after an anchor means back towards their untrained values: it forgets more than fine-tuning on
+    multi-head streams. Same ``lambda/2`` convention as :class:`~lifelong.methods.EWC`.
 
     Args:
         l2_lambda: strength :math:`\lambda \geq 0`.
-        mode: ``"separate"`` (one term per past task, merged exactly) or ``"online"`` (latest anchor).
-        decay: online mode's :math:`\gamma`.
+        mode: ``"online"`` (one anchor, the latest) or ``"separate"``.
+        decay: online mode's :math:`\gamma` (0: the importance is 1 whatever the number of tasks).
     """
 
     name = "l2"
 
-    def __init__(self, l2_lambda: float = 0.1, mode: str = "separate", decay: float = 1.0) -> None:
+    def __init__(self, l2_lambda: float = 0.1, mode: str = "online", decay: float = 0.0) -> None:
         super().__init__(mode=mode, decay=decay)
         self.l2_lambda = check_strength("l2_lambda", l2_lambda)
 

@@ -11,7 +11,7 @@ from torch.func import functional_call, grad, vmap
 
 from lifelong.data.streams import stream_of
 from lifelong.methods.fisher import Batch, FisherSums, Recorder, call_model, per_sample_grad_powers, plan_layers
-from lifelong.methods.quadratic import QuadraticRegularizer, all_reduce_mean, check_strength
+from lifelong.methods.quadratic import QuadraticRegularizer, all_reduce_mean, check_strength, task_sample
 
 
 def _output_sq_norm(logits: Tensor) -> Tensor:
@@ -146,8 +146,6 @@ class MAS(QuadraticRegularizer):
         self, trainer: L.Trainer, pl_module: L.LightningModule, task: int, params: Mapping[str, Tensor]
     ) -> dict[str, Tensor]:
         dm = stream_of(trainer)
-        data = dm.train_data(task)
-        if self.num_samples is not None:
-            data = data.subset(self.num_samples, torch.Generator().manual_seed(dm.seed * 7919 + task))
+        data = task_sample(dm, task, self.num_samples)
         sums = mas_sums(pl_module, dm.loader(data, train=False), params=params)  # type: ignore[arg-type]
         return all_reduce_mean(trainer, sums.sums, sums.count)

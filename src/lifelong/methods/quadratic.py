@@ -16,7 +16,8 @@ from torch import Tensor
 from torch.optim import Optimizer
 from typing_extensions import override
 
-from lifelong.data.streams import stream_of
+from lifelong.data.streams import TaskStream, stream_of
+from lifelong.data.tensors import TaskData
 from lifelong.errors import ResumeError
 from lifelong.methods.base import ContinualMethod, log_now
 
@@ -221,6 +222,14 @@ class QuadraticRegularizer(ContinualMethod):
         self._const = state_dict["const"]
         self._num_consolidated = int(state_dict["num_consolidated"])
         self._omega_anchor = None
+
+
+def task_sample(stream: TaskStream, task: int, num_samples: int | None) -> TaskData:
+    """The finished task's training data to estimate importances on: all of it, or a seeded random subset."""
+    data = stream.train_data(task)
+    if num_samples is not None:
+        data = data.subset(num_samples, torch.Generator().manual_seed(stream.seed * 7919 + task))
+    return data
 
 
 def check_strength(name: str, value: float) -> float:
