@@ -1,7 +1,7 @@
 """Task streams: LightningDataModules that yield one task after another within a single ``fit``.
 
-The whole stream is one ``trainer.fit`` of ``num_tasks * epochs_per_task`` epochs. The trainer reloads the
-train loader every ``epochs_per_task`` epochs and this module derives the current task from the epoch, so
+The whole stream is one ``trainer.fit`` of ``num_tasks * epochs_per_task`` epochs. The trainer rebuilds the
+train loader every epoch and this module derives the current task from the epoch, so
 Lightning's own checkpointing restores epoch, optimizer and callback state together. Validation returns one
 loader per task (seen and unseen): its results after each task are the rows of the accuracy matrix.
 

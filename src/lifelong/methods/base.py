@@ -26,7 +26,7 @@ class ContinualMethod(Callback):
     them, and react to task boundaries through Lightning's hooks (``stream_of(trainer).is_task_end(epoch)``).
     A term that needs autograd through the network (e.g. distillation) is returned by :meth:`penalty`,
     which the LightningModule adds to the loss in every training step; a term that is a function of the
-    parameters alone (EWC's quadratic) is cheaper added to the gradients in ``on_after_backward``.
+    parameters alone (EWC's quadratic) is cheaper added to the gradients in ``on_before_optimizer_step``.
     """
 
     name = "method"
