@@ -92,15 +92,21 @@ class LwF(ContinualMethod):
         x, _, task = batch
         with torch.no_grad():
             old = self._old(x, task) if getattr(self._old, "takes_task", False) else self._old(x)
-        module = cast("ContinualClassifier", pl_module)
-        if module.scenario == "task":
-            heads = [torch.tensor(c, device=x.device) for c in module.task_classes[: self.old_tasks]]
-        elif module.scenario == "class":
-            heads = [torch.arange(module.seen_outputs[self.old_tasks - 1], device=x.device)]
-        else:
-            heads = [torch.arange(outputs.shape[1], device=x.device)]
+        heads = self._old_heads(cast("ContinualClassifier", pl_module), outputs.shape[1])
         loss = sum(distillation(outputs[:, h], old[:, h], self.temperature) for h in heads)
         return self.lwf_alpha * loss  # type: ignore[return-value]
+
+    def _old_heads(self, module: ContinualClassifier, width: int) -> list[slice]:
+        """The output ranges distilled: each earlier task's head (task scenario), the classes seen before
+        the current task (class), or the shared head (domain). Slices: no index tensor per training step."""
+        if module.scenario == "task":
+            heads = module.task_classes[: self.old_tasks]
+            if any(c != list(range(c[0], c[-1] + 1)) for c in heads):
+                raise ValueError("LwF needs each task's outputs to be one contiguous range (as every stream gives)")
+            return [slice(c[0], c[-1] + 1) for c in heads]
+        if module.scenario == "class":
+            return [slice(0, module.seen_outputs[self.old_tasks - 1])]
+        return [slice(0, width)]
 
     @override
     def state_dict(self) -> dict[str, Any]:
