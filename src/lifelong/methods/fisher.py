@@ -179,6 +179,57 @@ def plan_layers(model: nn.Module, params: Mapping[str, nn.Parameter]) -> tuple[d
     return fast, fallback
 
 
+class PerSampleSums:
+    """The skeleton every per-sample importance sum shares (this module's Fisher, MAS's magnitudes).
+
+    On entry it splits ``params`` into fast-rule layers and a ``torch.func`` fallback, puts the model in eval
+    mode (dropout off, batch-norm on running statistics, so samples do not interact) and records the fast
+    layers' inputs and outputs; on exit it restores the mode and notes in :attr:`result` which parameters
+    took which path. Per batch: :meth:`start` before the forward pass, :meth:`used` after it.
+    """
+
+    def __init__(self, model: nn.Module, params: Mapping[str, nn.Parameter]) -> None:
+        self.model, self.params = model, params
+        self.fast, self.fallback = plan_layers(model, params)
+        self.names = {id(p): n for n, p in params.items()}
+        self.result = FisherSums(_zeros(params))
+
+    def __enter__(self) -> PerSampleSums:
+        self._was_training = self.model.training
+        self.model.eval()
+        self.recorder = Recorder(self.fast)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.recorder.remove()
+        self.model.train(self._was_training)
+        self.result.fast = [self.names[id(p)] for m in self.fast.values() for p in m.parameters(recurse=False)]
+        self.result.fallback = sorted(set(self.fallback))
+
+    def start(self) -> None:
+        self.recorder.clear()
+
+    def used(self) -> list[tuple[nn.Module, Tensor, Tensor]]:
+        """``(layer, input, output)`` of each fast layer the forward pass used.
+
+        A layer called more than once per forward pass (its per-sample gradient is a sum of terms) goes to the
+        fallback from now on.
+        """
+        for name in [n for n, rec in self.recorder.records.items() if len(rec) > 1 and n in self.fast]:
+            module = self.fast.pop(name)
+            self.fallback += [self.names[id(p)] for p in module.parameters(recurse=False)]
+        return [(self.fast[n], *rec[0]) for n, rec in self.recorder.records.items() if n in self.fast and rec]
+
+    def add(self, module: nn.Module, sums: Mapping[str, Tensor]) -> None:
+        """Add a layer's sums, keyed by the layer's own parameter names (``weight``, ``bias``)."""
+        for pname, s in sums.items():
+            self.result.sums[self.names[id(getattr(module, pname))]] += s
+
+    def add_linear(self, module: nn.Module, g_pow: Tensor, a_pow: Tensor) -> None:
+        """A Linear layer on ``(B, in)`` inputs: per-sample ``|g_n a_n^T| ** p`` summed is ``|g|**p .T @ |a|**p``."""
+        self.add(module, {"weight": g_pow.T @ a_pow, **({"bias": g_pow.sum(0)} if module.bias is not None else {})})
+
+
 def _labels_and_weights(
     log_probs: Tensor, y: Tensor, fisher_type: str, generator: torch.Generator | None
 ) -> list[tuple[Tensor, Tensor]]:
@@ -252,8 +303,7 @@ def fisher_sums(
 ) -> FisherSums:
     """Sums over samples of the squared per-sample gradients of the log-likelihood (see module docstring).
 
-    The model is put in eval mode for the estimate (dropout off, batch-norm on running statistics, so
-    samples do not interact) and restored afterwards.
+    The model is in eval mode for the estimate (see :class:`PerSampleSums`).
 
     Args:
         model: a classifier returning logits (see :func:`call_model` for how it is called).
@@ -269,58 +319,38 @@ def fisher_sums(
         raise ValueError(f"fisher_type must be one of {FISHER_TYPES}, got {fisher_type!r}")
     if params is None:
         params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    fast, fallback = plan_layers(model, params)
-    param_names = {id(p): n for n, p in params.items()}
-    result = FisherSums(_zeros(params))
-    was_training = model.training
-    model.eval()
-    recorder = Recorder(fast)
-    try:
+    with PerSampleSums(model, params) as est:
         for x, y, task in batches:
-            recorder.clear()
+            est.start()
             with torch.enable_grad():
                 log_probs = _log_softmax(call_model(model, x, task))  # (B, C)
             passes = _labels_and_weights(log_probs, y, fisher_type, generator)
-            # a layer called more than once per forward pass goes to the fallback from now on
-            for name in [n for n, rec in recorder.records.items() if len(rec) > 1 and n in fast]:
-                module = fast.pop(name)
-                fallback += [param_names[id(p)] for p in module.parameters(recurse=False)]
-            used = [(name, rec[0]) for name, rec in recorder.records.items() if name in fast and rec]
-            outputs = [out for _, (_, out) in used]
+            used = est.used()
+            outputs = [out for _, _, out in used]
             # Linear layers on (B, in) inputs: sum w * g**2 over the passes first, then one matmul with a**2
             # (the input does not depend on the label), so `exact` costs C backward passes but one matmul
-            g2_sums: dict[str, Tensor] = {}
+            g2_sums: dict[nn.Module, tuple[Tensor, Tensor]] = {}
             for i, (labels, weights) in enumerate(passes):
                 if not outputs:
                     break
                 loss = F.nll_loss(log_probs, labels, reduction="sum")
                 with torch.enable_grad():
                     grads = torch.autograd.grad(loss, outputs, retain_graph=i < len(passes) - 1, allow_unused=True)
-                for (name, (a, _)), g in zip(used, grads, strict=True):
+                for (module, a, _), g in zip(used, grads, strict=True):
                     if g is None:
                         continue
-                    module = fast[name]
                     if isinstance(module, nn.Linear) and a.ndim == 2:
                         g2 = g.detach().square().mul_(weights[:, None])  # (B, out)
-                        g2_sums[name] = g2_sums[name].add_(g2) if name in g2_sums else g2
+                        g2_sums[module] = (a, g2_sums[module][1].add_(g2) if module in g2_sums else g2)
                         continue
-                    for pname, s in per_sample_grad_powers(module, a, g.detach(), weights).items():
-                        result.sums[param_names[id(getattr(module, pname))]] += s
-            for name, g2 in g2_sums.items():
-                module, a = fast[name], recorder.records[name][0][0]
-                result.sums[param_names[id(module.weight)]] += g2.T @ a.square()  # (out, in)
-                if module.bias is not None:
-                    result.sums[param_names[id(module.bias)]] += g2.sum(0)
-            if fallback:
-                for n, s in _fallback_batch(model, fallback, params, x, task, passes).items():
-                    result.sums[n] += s
-            result.count += int(y.shape[0])
-    finally:
-        recorder.remove()
-        model.train(was_training)
-    result.fast = [param_names[id(p)] for m in fast.values() for p in m.parameters(recurse=False)]
-    result.fallback = sorted(set(fallback))
-    return result
+                    est.add(module, per_sample_grad_powers(module, a, g.detach(), weights))
+            for module, (a, g2) in g2_sums.items():
+                est.add_linear(module, g2, a.square())
+            if est.fallback:
+                for n, s in _fallback_batch(model, est.fallback, params, x, task, passes).items():
+                    est.result.sums[n] += s
+            est.result.count += int(y.shape[0])
+    return est.result
 
 
 def per_sample_loop_fisher(

@@ -10,7 +10,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
 from lifelong.data.streams import stream_of
-from lifelong.methods.fisher import Batch, FisherSums, Recorder, call_model, per_sample_grad_powers, plan_layers
+from lifelong.methods.fisher import Batch, FisherSums, PerSampleSums, call_model, per_sample_grad_powers
 from lifelong.methods.quadratic import QuadraticRegularizer, all_reduce_mean, check_strength, task_sample
 
 
@@ -38,51 +38,34 @@ def mas_sums(
     """
     if params is None:
         params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    fast, fallback = plan_layers(model, params)
-    names = {id(p): n for n, p in params.items()}
-    result = FisherSums({n: torch.zeros_like(p) for n, p in params.items()})
-    was_training = model.training
-    model.eval()
-    recorder = Recorder(fast)
-    try:
+    with PerSampleSums(model, params) as est:
         for x, _, task in batches:
-            recorder.clear()
+            est.start()
             with torch.enable_grad():
                 objective = _output_sq_norm(call_model(model, x, task)).sum()
-            for name in [n for n, rec in recorder.records.items() if len(rec) > 1 and n in fast]:
-                module = fast.pop(name)  # called twice per forward pass: per-sample rule does not apply
-                fallback += [names[id(p)] for p in module.parameters(recurse=False)]
-            used = [(name, rec[0]) for name, rec in recorder.records.items() if name in fast and rec]
+            used = est.used()
             if used:
-                grads = torch.autograd.grad(objective, [out for _, (_, out) in used], allow_unused=True)
-                for (name, (a, _)), g in zip(used, grads, strict=True):
+                grads = torch.autograd.grad(objective, [out for _, _, out in used], allow_unused=True)
+                for (module, a, _), g in zip(used, grads, strict=True):
                     if g is None:
                         continue
-                    module, g = fast[name], g.detach()
+                    g = g.detach()
                     if isinstance(module, nn.Linear) and a.ndim == 2:
-                        result.sums[names[id(module.weight)]] += g.abs().T @ a.abs()
-                        if module.bias is not None:
-                            result.sums[names[id(module.bias)]] += g.abs().sum(0)
+                        est.add_linear(module, g.abs(), a.abs())
                         continue
                     ones = torch.ones(a.shape[0], dtype=g.dtype, device=g.device)
-                    for pname, s in per_sample_grad_powers(module, a, g, ones, power=1).items():
-                        result.sums[names[id(getattr(module, pname))]] += s
-            if fallback:
-                sub = {n: params[n].detach() for n in fallback}
+                    est.add(module, per_sample_grad_powers(module, a, g, ones, power=1))
+            if est.fallback:
+                sub = {n: params[n].detach() for n in est.fallback}
 
                 def one(p: dict[str, Tensor], xi: Tensor, ti: Tensor) -> Tensor:
                     args = (xi[None], ti[None]) if getattr(model, "takes_task", False) else (xi[None],)
                     return _output_sq_norm(functional_call(model, p, args, strict=False))[0]
 
                 for n, gn in vmap(grad(one), in_dims=(None, 0, 0))(sub, x, task).items():
-                    result.sums[n] += gn.abs().sum(0)
-            result.count += int(x.shape[0])
-    finally:
-        recorder.remove()
-        model.train(was_training)
-    result.fast = [names[id(p)] for m in fast.values() for p in m.parameters(recurse=False)]
-    result.fallback = sorted(set(fallback))
-    return result
+                    est.result.sums[n] += gn.abs().sum(0)
+            est.result.count += int(x.shape[0])
+    return est.result
 
 
 def per_sample_loop_mas(
