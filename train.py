@@ -6,6 +6,7 @@ A thin Hydra entry point: it composes the config (conf/), instantiates the parts
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from pathlib import Path
@@ -23,6 +24,8 @@ from lifelong.data import TaskStream
 from lifelong.errors import LifelongError
 from lifelong.methods import ContinualMethod, ExperienceReplay
 from lifelong.models import ContinualClassifier
+
+log = logging.getLogger(__name__)
 
 
 def _fail(message: str) -> None:
@@ -51,9 +54,9 @@ def _checkpoint_to_resume(cfg: DictConfig, output_dir: Path) -> str | None:
     if cfg.resume:
         last = output_dir / "checkpoints" / "last.ckpt"
         if last.is_file():
-            print(f"resume=true: resuming the stream from {last}", flush=True)
+            log.info(f"resume=true: resuming the stream from {last}")
             return str(last)
-        print(f"resume=true: no checkpoint in {last.parent} yet, starting the stream from the beginning", flush=True)
+        log.info(f"resume=true: no checkpoint in {last.parent} yet, starting the stream from the beginning")
     return None
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import math
 import time
 from pathlib import Path
@@ -19,6 +20,8 @@ from typing_extensions import override
 from lifelong.data.streams import stream_of
 from lifelong.metrics.continual import summarize
 from lifelong.metrics.plots import accuracy_curves, accuracy_heatmap
+
+log = logging.getLogger(__name__)
 
 
 class TaskProgressBar(TQDMProgressBar):
@@ -131,4 +134,5 @@ def _print_summary(metrics: dict[str, Any], out: Path) -> None:
         f"average accuracy {fmt('avg_accuracy')} %  |  BWT {fmt('bwt')} %  |  forgetting {fmt('forgetting')} %"
     )
     lines.append(f"results: {out}")
-    print("\n".join(lines), flush=True)
+    # through logging, so that under Hydra it reaches both the console and the run's train.log
+    log.info("\n".join(lines))

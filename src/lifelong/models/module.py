@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -16,6 +17,8 @@ from typing_extensions import Self, override
 from lifelong.data.streams import TaskStream, stream_of
 from lifelong.errors import NonFiniteLossError
 from lifelong.methods.base import ContinualMethod, log_now
+
+log = logging.getLogger(__name__)
 
 SCENARIOS = ("task", "domain", "class")
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], Optimizer]
@@ -197,6 +200,13 @@ class ContinualClassifier(L.LightningModule):
             self.log(f"val/acc/task_{j + 1}", acc, sync_dist=True)
         self.log("val/avg_acc_seen", row[: task + 1].mean(), prog_bar=True, sync_dist=True)
         self.log("task", float(task + 1), sync_dist=True)
+        if self.trainer.is_global_zero and not self.trainer.sanity_checking:
+            seen = row[: task + 1].tolist()
+            each = " ".join(f"{100 * a:.1f}" for a in seen)
+            log.info(
+                f"after task {task + 1}/{dm.num_tasks}: test accuracy {100 * sum(seen) / len(seen):.2f} % "
+                f"on tasks 1-{task + 1} ({each})"
+            )
 
     @override
     def configure_optimizers(self) -> Optimizer:
