@@ -52,6 +52,8 @@ def test_run_folder_holds_the_output_contract(fashion_runs):
         assert (run_dir / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (run_dir / ".hydra" / "config.yaml").is_file()
     assert "Accuracy matrix" in proc.stdout and "average accuracy" in proc.stdout
+    log = (run_dir / "train.log").read_text()  # Hydra's job log: a line per task, then the summary
+    assert "after task 1/3: test accuracy" in log and "after task 3/3" in log and "Accuracy matrix" in log
     # TensorBoard: scalars per task and the heatmap as an image
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
