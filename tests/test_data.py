@@ -18,6 +18,7 @@ from lifelong.data import (
     load_image_dataset,
     sources,
 )
+from lifelong.errors import ResumeError
 
 
 def _identity(images, tasks, task):
@@ -162,6 +163,23 @@ def test_permutations_are_reproducible_and_applied(mnist_root):
     x0, _, _ = next(iter(TensorBatchLoader(a.test_data(0), 1, a.transform)))
     x1, _, _ = next(iter(TensorBatchLoader(a.test_data(1), 1, a.transform)))
     assert tm.tolist() == [0, 1] and torch.equal(xm[0], x0[0]) and torch.equal(xm[1], x1[0])
+
+
+def test_unstandardised_pixels_stay_in_unit_range_with_black_at_zero(mnist_root):
+    a = _stream(mnist_root, num_tasks=2, seed=4, standardize=False)
+    x, _, _ = next(iter(a.loader(a.test_data(1), train=False)))
+    raw = a.test_data(1).images[: x.shape[0]].float().view(x.shape[0], -1) / 255
+    torch.testing.assert_close(x.view(x.shape[0], -1), raw[:, a.perms[1]])
+    assert x.min() == 0 and x.max() == 1
+    assert a.describe()["standardize"] is False and _stream(mnist_root, num_tasks=2).describe()["standardize"]
+
+
+def test_resume_accepts_a_checkpoint_from_before_a_stream_field_existed(mnist_root):
+    a = _stream(mnist_root, num_tasks=2)
+    older = {k: v for k, v in a.describe().items() if k != "standardize"}  # written before the option existed
+    a.load_state_dict({"describe": older})
+    with pytest.raises(ResumeError, match="different task stream"):
+        a.load_state_dict({"describe": {**older, "seed": 99}})
 
 
 def test_stream_clock(mnist_root):

@@ -33,7 +33,8 @@ def test_ddp_fisher_equals_the_single_process_fisher(tmp_path, mnist_root):
     # The first consolidation's importance is task 1's Fisher, estimated by two ranks on halves of the data
     ckpt = load_checkpoint(tmp_path / "run" / "checkpoints" / "task_1.ckpt")
     ewc = ewc_state(ckpt)
-    dm = PermutedStream(root=str(mnist_root), download=False, **STREAM)
+    standardize = ckpt["lifelong"]["info"]["config"]["dataset"]["standardize"]  # the run's input, rebuilt
+    dm = PermutedStream(root=str(mnist_root), download=False, standardize=standardize, **STREAM)
     dm.prepare_data()
     dm.setup("fit")
     module = ContinualClassifier(MLP(dm.input_shape, 10), functools.partial(torch.optim.Adam), 2, 10)

@@ -16,7 +16,7 @@ import torch
 from lifelong.data.sources import SOURCES, ImageSplit, find_image_dataset, load_image_dataset
 from lifelong.data.streams import TaskStream
 from lifelong.data.tensors import TaskData
-from lifelong.data.transforms import ImagePipeline, RandomCropFlip, channel_mean_std, resize_images
+from lifelong.data.transforms import ImagePipeline, RandomCropFlip, resize_images
 
 
 def _check_source(name: str) -> None:
@@ -29,7 +29,7 @@ def _same_classes_every_task(num_tasks: int, num_classes: int) -> torch.Tensor:
 
 
 class _OneSourceStream(TaskStream):
-    """A stream whose every task is drawn from one dataset, standardised by its training set's statistics."""
+    """A stream whose every task is drawn from one dataset (standardised by its training set's statistics)."""
 
     def __init__(self, source: str = "mnist", **kwargs: Any) -> None:
         _check_source(source)
@@ -42,7 +42,7 @@ class _OneSourceStream(TaskStream):
     def _load(self) -> tuple[ImageSplit, ImageSplit, torch.Tensor, torch.Tensor]:
         train, test = load_image_dataset(self.source, self.root, self.download)
         self.input_shape = tuple(train.images.shape[1:])
-        mean, std = channel_mean_std(train.images)
+        mean, std = self._pixel_stats(train.images)
         return train, test, mean.expand(self.num_tasks, -1), std.expand(self.num_tasks, -1)
 
     def describe(self) -> dict[str, Any]:
@@ -301,7 +301,7 @@ class SequenceStream(TaskStream):
             train, test = loaded[name]
             train = ImageSplit(resize_images(train.images, size, channels), train.labels)
             test = ImageSplit(resize_images(test.images, size, channels), test.labels)
-            mean, std = channel_mean_std(train.images)
+            mean, std = self._pixel_stats(train.images)
             train_parts.append(train)
             test_parts.append(test)
             means.append(mean)

@@ -29,6 +29,7 @@ import torch
 from typing_extensions import override
 
 from lifelong.data.tensors import Augment, BatchTransform, TaskData, TensorBatchLoader
+from lifelong.data.transforms import channel_mean_std
 from lifelong.errors import ResumeError
 
 
@@ -53,6 +54,10 @@ class TaskStream(L.LightningDataModule):
         max_test_samples: the same for each task's test set.
         scenario: ``"task"``, ``"domain"`` or ``"class"`` (see the module docstring); ``None`` for the
             stream's default.
+        standardize: standardise pixels by the training set's per-channel mean and std (default); ``False``
+            keeps them in [0, 1], black = 0, as Kirkpatrick et al. (2017) and van de Ven et al. feed permuted
+            MNIST. On a permuted stream this matters for EWC: with black at 0 the weights from a task's
+            always-black pixels get no gradient from it and stay free for other tasks.
     """
 
     scenarios: tuple[str, ...] = ("task", "domain", "class")
@@ -72,6 +77,7 @@ class TaskStream(L.LightningDataModule):
         max_train_samples: int | None = None,
         max_test_samples: int | None = None,
         scenario: str | None = None,
+        standardize: bool = True,
     ) -> None:
         super().__init__()
         scenario = scenario or self.default_scenario
@@ -101,6 +107,7 @@ class TaskStream(L.LightningDataModule):
         self.max_train_samples = max_train_samples
         self.max_test_samples = max_test_samples
         self.scenario = scenario
+        self.standardize = bool(standardize)
         self.transform: BatchTransform | None = None
         self.augment: Augment | None = None  # a random augmentation of training batches
         self.targets: torch.Tensor | None = None  # (T, K) base label -> output; None: the base labels
@@ -128,6 +135,13 @@ class TaskStream(L.LightningDataModule):
     def _build(self) -> None:
         """Load the data; fill ``_train``/``_test``, ``_local``, ``transform`` and ``input_shape``."""
         raise NotImplementedError
+
+    def _pixel_stats(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-channel (mean, std) to standardise by: the images' own, or (0, 1) with ``standardize=False``."""
+        if self.standardize:
+            return channel_mean_std(images)
+        channels = images.shape[1]
+        return torch.zeros(channels), torch.ones(channels)
 
     def _resolve_labels(self) -> None:
         """The scenario's outputs: :attr:`targets`, :attr:`num_classes` and :attr:`task_classes`."""
@@ -271,6 +285,7 @@ class TaskStream(L.LightningDataModule):
             "seed": self.seed,
             "max_train_samples": self.max_train_samples,
             "max_test_samples": self.max_test_samples,
+            "standardize": self.standardize,
             "train_sizes": [len(d) for d in self._train],
             "test_sizes": [len(d) for d in self._test],
         }
@@ -281,7 +296,9 @@ class TaskStream(L.LightningDataModule):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Refuse to resume a checkpoint on a different stream (other seed, tasks or permutations)."""
         saved = state_dict.get("describe")
-        if saved is not None and self._train and saved != self.describe():
+        # a field the checkpoint lacks was added to describe() later, with the earlier behaviour as default
+        current = {k: v for k, v in self.describe().items() if saved is None or k in saved}
+        if saved is not None and self._train and saved != current:
             raise ResumeError(
                 "the checkpoint was written for a different task stream:\n"
                 f"  checkpoint: {saved}\n  this run:   {self.describe()}\n"
