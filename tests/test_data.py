@@ -172,6 +172,8 @@ def test_unstandardised_pixels_stay_in_unit_range_with_black_at_zero(mnist_root)
     torch.testing.assert_close(x.view(x.shape[0], -1), raw[:, a.perms[1]])
     assert x.min() == 0 and x.max() == 1
     assert a.describe()["standardize"] is False and _stream(mnist_root, num_tasks=2).describe()["standardize"]
+    with pytest.raises(ValueError, match="standardize must be true or false"):
+        PermutedStream(num_tasks=2, standardize="no")
 
 
 def test_resume_accepts_a_checkpoint_from_before_a_stream_field_existed(mnist_root):

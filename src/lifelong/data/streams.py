@@ -107,7 +107,9 @@ class TaskStream(L.LightningDataModule):
         self.max_train_samples = max_train_samples
         self.max_test_samples = max_test_samples
         self.scenario = scenario
-        self.standardize = bool(standardize)
+        if not isinstance(standardize, bool):
+            raise ValueError(f"dataset.standardize must be true or false, got {standardize!r}")
+        self.standardize = standardize
         self.transform: BatchTransform | None = None
         self.augment: Augment | None = None  # a random augmentation of training batches
         self.targets: torch.Tensor | None = None  # (T, K) base label -> output; None: the base labels
