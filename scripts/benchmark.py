@@ -396,8 +396,7 @@ def pipeline_baseline(tasks: int, root: str | None, out: str) -> None:
     def pipeline(perm: torch.Tensor) -> transforms.Compose:
         return transforms.Compose(
             [
-                transforms.ToTensor(),
-                transforms.Normalize((0.1307,), (0.3081,)),
+                transforms.ToTensor(),  # pixels in [0, 1], as dataset=permuted_mnist feeds them
                 transforms.Lambda(lambda img: img.view(-1)[perm].view(1, 28, 28)),
             ]
         )

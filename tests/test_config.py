@@ -83,3 +83,4 @@ def test_experiment_presets_pin_their_protocol(tmp_path, option):
         assert list(cfg.model.hidden_sizes) == [400, 400]
     else:
         assert (dm.num_tasks, dm.scenario) == (10, "domain") and list(cfg.model.hidden_sizes) == [1000, 1000]
+        assert dm.standardize is False  # pixels in [0, 1], as in the paper (see the preset's comment)
