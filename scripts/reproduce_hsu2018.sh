@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # Hsu et al. (2018) split MNIST, all three scenarios, every method they report that lifelong has.
 #   bash scripts/reproduce_hsu2018.sh [SEEDS] [JOBS]     # default: 5 seeds, 2 parallel jobs (joblib)
+#   FIRST_SEED=5 bash scripts/reproduce_hsu2018.sh 10    # seeds 5..9 only: extends a finished 5-seed run to 10
 # Results: multirun/hsu2018/<scenario>/..., summarised into multirun/hsu2018/summary.csv (and printed).
 set -euo pipefail
 SEEDS=${1:-5}
 JOBS=${2:-2}
+FIRST_SEED=${FIRST_SEED:-0}
 PY=${PYTHON:-python}
-run() { $PY train.py -m hydra/launcher=joblib hydra.launcher.n_jobs="$JOBS" logger=none "seed=range(0,$SEEDS)" "$@"; }
+run() { $PY train.py -m hydra/launcher=joblib hydra.launcher.n_jobs="$JOBS" logger=none "seed=range($FIRST_SEED,$SEEDS)" "$@"; }
 # EWC lambdas: Hsu et al.'s (without the 1/2) doubled for our lambda/2 form
 declare -A EWC=([task]=200 [domain]=200 [class]=1200) ONLINE=([task]=800 [domain]=1400 [class]=200)
 for sc in task domain class; do
