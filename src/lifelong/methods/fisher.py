@@ -189,7 +189,7 @@ class PerSampleSums:
     """
 
     def __init__(self, model: nn.Module, params: Mapping[str, nn.Parameter]) -> None:
-        self.model, self.params = model, params
+        self.model = model
         self.fast, self.fallback = plan_layers(model, params)
         self.names = {id(p): n for n, p in params.items()}
         self.result = FisherSums(_zeros(params))
