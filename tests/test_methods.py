@@ -147,8 +147,7 @@ def test_lwf_loss_by_hand():
         task_classes=[[0, 1], [2, 3], [4, 5]],
     )
     lwf = LwF(lwf_alpha=0.5, temperature=2.0)
-    lwf._old = lwf._freeze(module.net)
-    lwf.old_tasks = 2
+    lwf.snapshot(module, 2)
     with torch.no_grad():
         for p in module.net.parameters():
             p.add_(0.3 * torch.randn_like(p))

@@ -62,6 +62,7 @@ class LwF(ContinualMethod):
         self.old_tasks = 0  # tasks the old network has learnt (0: no old network yet)
         self._old: nn.Module | None = None
         self._old_state: dict[str, Tensor] | None = None  # restored from a checkpoint, loaded at fit start
+        self._heads: list[slice] = []  # the output ranges distilled, fixed while one old network is in use
 
     def _freeze(self, net: nn.Module) -> nn.Module:
         old = copy.deepcopy(net).eval()
@@ -75,6 +76,7 @@ class LwF(ContinualMethod):
             self._old = self._freeze(pl_module.net)  # type: ignore[arg-type]
             self._old.load_state_dict(self._old_state)
             self._old_state = None
+            self._heads = self._old_heads(cast("ContinualClassifier", pl_module))
 
     @override
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -82,8 +84,13 @@ class LwF(ContinualMethod):
         epoch = trainer.current_epoch
         task = dm.task_of_epoch(epoch)
         if dm.is_task_end(epoch) and task < dm.num_tasks - 1:
-            self._old = self._freeze(pl_module.net)  # type: ignore[arg-type]
-            self.old_tasks = task + 1
+            self.snapshot(cast("ContinualClassifier", pl_module), task + 1)
+
+    def snapshot(self, module: ContinualClassifier, tasks: int) -> None:
+        """Keep a frozen copy of ``module``'s network as the old network, which has learnt ``tasks`` tasks."""
+        self._old = self._freeze(module.net)
+        self.old_tasks = tasks
+        self._heads = self._old_heads(module)
 
     @override
     def penalty(self, pl_module: L.LightningModule, batch: Batch, outputs: Tensor) -> Tensor | None:
@@ -92,13 +99,13 @@ class LwF(ContinualMethod):
         x, _, task = batch
         with torch.no_grad():
             old = self._old(x, task) if getattr(self._old, "takes_task", False) else self._old(x)
-        heads = self._old_heads(cast("ContinualClassifier", pl_module), outputs.shape[1])
-        loss = sum(distillation(outputs[:, h], old[:, h], self.temperature) for h in heads)
+        loss = sum(distillation(outputs[:, h], old[:, h], self.temperature) for h in self._heads)
         return self.lwf_alpha * loss  # type: ignore[return-value]
 
-    def _old_heads(self, module: ContinualClassifier, width: int) -> list[slice]:
+    def _old_heads(self, module: ContinualClassifier) -> list[slice]:
         """The output ranges distilled: each earlier task's head (task scenario), the classes seen before
-        the current task (class), or the shared head (domain). Slices: no index tensor per training step."""
+        the current task (class), or the shared head (domain). Slices, computed once per old network: no
+        index tensor or check in the training step."""
         if module.scenario == "task":
             heads = module.task_classes[: self.old_tasks]
             if any(c != list(range(c[0], c[-1] + 1)) for c in heads):
@@ -106,7 +113,7 @@ class LwF(ContinualMethod):
             return [slice(c[0], c[-1] + 1) for c in heads]
         if module.scenario == "class":
             return [slice(0, module.seen_outputs[self.old_tasks - 1])]
-        return [slice(0, width)]
+        return [slice(None)]
 
     @override
     def state_dict(self) -> dict[str, Any]:
