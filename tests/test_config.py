@@ -76,11 +76,18 @@ def test_experiment_presets_pin_their_protocol(tmp_path, option):
     assert len(EXPERIMENTS) >= 4
     cfg = _compose(tmp_path, [f"experiment={option}", "method=ewc", "method.ewc_lambda=200"])
     dm = instantiate(cfg.dataset)
-    assert cfg.optimizer.lr in (0.001, 0.0001) and cfg.reset_optimizer and dm.batch_size == 128
     assert instantiate(cfg.method).ewc_lambda == 200  # presets leave the method to the command line
+    assert cfg.reset_optimizer
+    if option == "dwa_mixture":  # the DWA paper's protocol: SGD at 0.075, batch 32, 200 epochs per task
+        assert (cfg.optimizer.lr, dm.batch_size, dm.epochs_per_task) == (0.075, 32, 200)
+        assert cfg.optimizer._target_ == "torch.optim.SGD" and cfg.optimizer.momentum == 0
+        return
+    assert cfg.optimizer.lr in (0.001, 0.0001) and dm.batch_size == 128
     if option.startswith("hsu2018"):
         assert (dm.num_tasks, dm.scenario, dm.epochs_per_task) == (5, option.rsplit("_", 1)[1], 4)
         assert list(cfg.model.hidden_sizes) == [400, 400]
+    elif option.startswith("dwa_"):
+        assert dm.scenario == "task" and dm.epochs_per_task == 1
     else:
         assert (dm.num_tasks, dm.scenario) == (10, "domain") and list(cfg.model.hidden_sizes) == [1000, 1000]
         assert dm.standardize is False  # pixels in [0, 1], as in the paper (see the preset's comment)

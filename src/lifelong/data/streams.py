@@ -22,6 +22,7 @@ The stream maps labels (:attr:`TaskStream.targets`); the heads live in the Light
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import lightning as L
@@ -119,6 +120,10 @@ class TaskStream(L.LightningDataModule):
         self._train: list[TaskData] = []
         self._test: list[TaskData] = []
         self._device = torch.device("cpu")
+        # set by methods: which of a task's training samples an epoch trains on (DWA's curriculum), and
+        # whether training batches carry each sample's row, (x, y, task, rows)
+        self.train_selector: Callable[[TaskData, int], TaskData] | None = None
+        self.train_rows = False
 
     # ---- the stream's clock ------------------------------------------------------------------------
     @property
@@ -242,8 +247,11 @@ class TaskStream(L.LightningDataModule):
         trainer = self.trainer
         return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
 
-    def loader(self, data: TaskData, *, train: bool, epoch: int = 0) -> TensorBatchLoader:
-        """A loader over ``data``: shuffled and padded across ranks for training, in order otherwise."""
+    def loader(self, data: TaskData, *, train: bool, epoch: int = 0, rows: bool = False) -> TensorBatchLoader:
+        """A loader over ``data``: shuffled and padded across ranks for training, in order otherwise.
+
+        With ``rows``, batches also carry each sample's row in the base tensors: ``(x, y, task, rows)``.
+        """
         assert self.transform is not None, "call setup() first"
         rank, world = self._rank()
         return TensorBatchLoader(
@@ -258,13 +266,16 @@ class TaskStream(L.LightningDataModule):
             pad=train,
             targets=self.targets,
             augment=self.augment if train else None,
+            with_rows=rows,
         )
 
     def train_dataloader(self) -> TensorBatchLoader:
         epoch = self.trainer.current_epoch if self.trainer is not None else 0
         task = self.task_of_epoch(epoch)
         data = TaskData.concat(self._train[: task + 1]) if self.cumulative else self._train[task]
-        return self.loader(data, train=True, epoch=epoch)
+        if self.train_selector is not None:
+            data = self.train_selector(data, epoch)
+        return self.loader(data, train=True, epoch=epoch, rows=self.train_rows)
 
     def val_dataloader(self) -> list[TensorBatchLoader]:
         return [self.loader(d, train=False) for d in self._test]

@@ -14,7 +14,8 @@ from typing import Protocol
 
 import torch
 
-Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # x (B, ...) float, y (B,), task (B,)
+# x (B, ...) float, y (B,), task (B,); training batches may add rows (B,) (see TensorBatchLoader's with_rows)
+Batch = tuple[torch.Tensor, ...]
 
 
 class BatchTransform(Protocol):
@@ -109,6 +110,8 @@ class TensorBatchLoader:
             scenario's label space, see :class:`lifelong.data.TaskStream`); ``None`` keeps the base labels.
         augment: a random augmentation of the transformed batch (training), drawn from a generator on the
             data's device seeded by ``(seed, epoch, rank)``.
+        with_rows: also yield each sample's row in the base tensors, ``(x, y, task, rows)``: the sample's
+            identity, for methods that keep per-sample values (DWA's complexity scores).
     """
 
     def __init__(
@@ -126,6 +129,7 @@ class TensorBatchLoader:
         pad: bool = False,
         targets: torch.Tensor | None = None,
         augment: Augment | None = None,
+        with_rows: bool = False,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
@@ -141,6 +145,7 @@ class TensorBatchLoader:
         self.pad = pad
         self.targets = targets
         self.augment = augment
+        self.with_rows = with_rows
 
     def _num_samples(self) -> int:
         n, w = len(self.data), self.world_size
@@ -184,4 +189,4 @@ class TensorBatchLoader:
             y = data.labels.index_select(0, idx)
             if targets is not None:
                 y = targets[data.task].index_select(0, y) if data.task is not None else targets[t, y]
-            yield x, y, t
+            yield (x, y, t, idx) if self.with_rows else (x, y, t)

@@ -91,6 +91,16 @@ class ImagePipeline:
         return self
 
     def __call__(self, images: Tensor, tasks: Tensor, task: int | None) -> Tensor:
+        out = self.pixels(images, tasks, task)
+        b, c = out.shape[:2]
+        if task is not None:
+            scale, shift = self.scale[task].view(1, c, 1, 1), self.shift[task].view(1, c, 1, 1)
+        else:
+            scale, shift = self.scale[tasks].view(b, c, 1, 1), self.shift[tasks].view(b, c, 1, 1)
+        return out.mul_(scale).sub_(shift)
+
+    def pixels(self, images: Tensor, tasks: Tensor, task: int | None) -> Tensor:
+        """What the network sees before standardisation: the permuted or rotated images, floats in [0, 255]."""
         b, c, h, w = images.shape
         if self.perms is not None:  # permute the uint8 pixels (a quarter of the bytes of floats), then scale
             x = images.reshape(b, c, h * w)
@@ -104,11 +114,7 @@ class ImagePipeline:
         if self.grids is not None:
             grid = self.grids[task].expand(b, -1, -1, -1) if task is not None else self.grids[tasks]
             out = F.grid_sample(out, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-        if task is not None:
-            scale, shift = self.scale[task].view(1, c, 1, 1), self.shift[task].view(1, c, 1, 1)
-        else:
-            scale, shift = self.scale[tasks].view(b, c, 1, 1), self.shift[tasks].view(b, c, 1, 1)
-        return out.mul_(scale).sub_(shift)
+        return out
 
 
 def _rotation_grids(angles: Tensor, h: int, w: int) -> Tensor:

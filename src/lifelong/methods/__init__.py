@@ -1,6 +1,7 @@
 """Continual-learning methods, each a Lightning Callback."""
 
 from lifelong.methods.base import ContinualMethod
+from lifelong.methods.dwa import DWA, DWANet
 from lifelong.methods.ewc import EWC
 from lifelong.methods.finetune import Finetune
 from lifelong.methods.fisher import FisherSums, fisher_sums, per_sample_loop_fisher
@@ -14,12 +15,14 @@ from lifelong.methods.replay import ExperienceReplay, ReplayBuffer
 from lifelong.methods.si import SI
 
 __all__ = [
+    "DWA",
     "EWC",
     "HAT",
     "L2",
     "MAS",
     "SI",
     "ContinualMethod",
+    "DWANet",
     "ExperienceReplay",
     "Finetune",
     "FisherSums",

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, cast
 
 import torch
 import torch.nn.functional as F
@@ -43,7 +43,7 @@ from torch.nn.grad import conv2d_weight
 FisherType = Literal["empirical", "sampled", "exact"]
 FISHER_TYPES: tuple[str, ...] = ("empirical", "sampled", "exact")
 
-Batch = tuple[Tensor, Tensor, Tensor]  # x, y, task
+Batch = tuple[Tensor, ...]  # x, y, task (and, from a training loader, possibly the samples' rows)
 
 
 def _log_softmax(logits: Tensor) -> Tensor:
@@ -74,7 +74,7 @@ class FisherSums:
 
 
 def _fast_rule(module: nn.Module) -> bool:
-    if isinstance(module, nn.Linear):
+    if isinstance(module, nn.Linear) or callable(getattr(module, "per_sample_grad_powers", None)):
         return True
     return (
         isinstance(module, nn.Conv2d)
@@ -87,7 +87,7 @@ def _fast_rule(module: nn.Module) -> bool:
 _CONV_CHUNK = 32  # samples per grouped convolution: keeps the per-sample gradients (chunk, C_out, K) in cache
 
 
-def _pow(t: Tensor, power: int) -> Tensor:
+def abs_pow_(t: Tensor, power: int) -> Tensor:
     """``|t| ** power`` in place (``t`` is a fresh temporary): squares for the Fisher, magnitudes for MAS."""
     return t.square_() if power == 2 else t.abs_()
 
@@ -101,39 +101,57 @@ def per_sample_grad_powers(module: nn.Module, a: Tensor, g: Tensor, w: Tensor, p
         g: gradient of the summed loss at its output (same leading shapes as the output).
         w: ``(B,)`` per-sample weights (1 for empirical/sampled, p(c|x) for exact).
         power: 2 (the Fisher's squares) or 1 (MAS's magnitudes).
+
+    A layer that computes with per-sample weights (DWA's masked layers) brings its own rule, a method
+    ``per_sample_grad_powers(a, g, w, power)``; it is used instead.
     """
+    own_rule = getattr(module, "per_sample_grad_powers", None)
+    if callable(own_rule):
+        return own_rule(a, g, w, power)
     out: dict[str, Tensor] = {}
     if isinstance(module, nn.Linear):  # with extra dims (e.g. tokens); (B, in) inputs are done in fisher_sums
         # a sample's gradient sums over the extra dims before squaring
         a3, g3 = a.flatten(1, -2), g.flatten(1, -2)  # (B, S, in), (B, S, out)
         gw = torch.einsum("bso,bsi->boi", g3, a3)  # (B, out, in)
-        out["weight"] = torch.einsum("b,boi->oi", w, _pow(gw, power))
+        out["weight"] = torch.einsum("b,boi->oi", w, abs_pow_(gw, power))
         if module.bias is not None:
-            out["bias"] = torch.einsum("b,bo->o", w, _pow(g3.sum(1), power))
+            out["bias"] = torch.einsum("b,bo->o", w, abs_pow_(g3.sum(1), power))
         return out
     assert isinstance(module, nn.Conv2d) and not isinstance(module.padding, str)
     # Per-sample weight gradients by one grouped convolution per chunk: the batch becomes the groups, so
     # the weight gradient of group n is sample n's (the trick of Goodfellow, 2015, as used by Opacus);
     # several times faster than unfolding the input into patches.
-    c_out, c_in, kh, kw = module.weight.shape
     weight = torch.zeros_like(module.weight)
     for start in range(0, a.shape[0], _CONV_CHUNK):
-        ac, gc, wc = (t[start : start + _CONV_CHUNK] for t in (a, g, w))
-        n = ac.shape[0]
-        gw = conv2d_weight(
-            ac.reshape(1, n * c_in, *ac.shape[2:]),
-            (n * c_out, c_in, kh, kw),
-            gc.reshape(1, n * c_out, *gc.shape[2:]),
-            stride=module.stride,
-            padding=module.padding,
-            dilation=module.dilation,
-            groups=n,
-        ).view(n, c_out, c_in, kh, kw)  # per-sample weight gradients
-        weight += torch.einsum("b,boikl->oikl", wc, _pow(gw, power))
+        gw = conv_weight_grads(module, a[start : start + _CONV_CHUNK], g[start : start + _CONV_CHUNK])
+        weight += torch.einsum("b,boikl->oikl", w[start : start + _CONV_CHUNK], abs_pow_(gw, power))
     out["weight"] = weight
     if module.bias is not None:
-        out["bias"] = torch.einsum("b,bo->o", w, _pow(g.sum((2, 3)), power))
+        out["bias"] = torch.einsum("b,bo->o", w, abs_pow_(g.sum((2, 3)), power))
     return out
+
+
+def conv_weight_grads(conv: nn.Module, a: Tensor, g: Tensor) -> Tensor:
+    """Per-sample weight gradients ``(B, C_out, C_in, kh, kw)`` of a convolution by one grouped convolution:
+    the batch becomes the groups, so the weight gradient of group n is sample n's.
+
+    Args:
+        conv: an ``nn.Conv2d`` (groups=1, numeric padding), or a layer with the same ``weight``, ``stride``,
+            ``padding`` and ``dilation`` (DWA's masked convolution).
+        a: its input ``(B, C_in, H, W)``.
+        g: the gradient at its output ``(B, C_out, H', W')``.
+    """
+    c_out, c_in, kh, kw = cast(Tensor, conv.weight).shape
+    n = a.shape[0]
+    return conv2d_weight(
+        a.reshape(1, n * c_in, *a.shape[2:]),
+        (n * c_out, c_in, kh, kw),
+        g.reshape(1, n * c_out, *g.shape[2:]),
+        stride=conv.stride,
+        padding=conv.padding,
+        dilation=conv.dilation,
+        groups=n,
+    ).view(n, c_out, c_in, kh, kw)
 
 
 class Recorder:

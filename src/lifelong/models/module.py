@@ -152,8 +152,8 @@ class ContinualClassifier(L.LightningModule):
                 opt.state.clear()  # optimizers re-create their state lazily at the next step
 
     @override
-    def training_step(self, batch: tuple[Tensor, Tensor, Tensor], batch_idx: int) -> Tensor:
-        x, y, task = batch
+    def training_step(self, batch: tuple[Tensor, ...], batch_idx: int) -> Tensor:
+        x, y, task = batch[:3]  # a stream may add each sample's row (TaskStream.train_rows)
         outputs = self.outputs(x, task)
         loss = F.cross_entropy(self.heads(outputs, task), y)
         if not torch.isfinite(loss):  # stop before a NaN reaches the weights (and any checkpoint)
