@@ -13,15 +13,28 @@ from typing import Any
 
 import torch
 
-from lifelong.data.sources import SOURCES, ImageSplit, find_image_dataset, load_image_dataset
+from lifelong.data.sources import (
+    IMAGE_FOLDER,
+    SOURCES,
+    ImageSplit,
+    find_image_dataset,
+    load_image_dataset,
+    num_classes_of,
+)
 from lifelong.data.streams import TaskStream
 from lifelong.data.tensors import TaskData
 from lifelong.data.transforms import ImagePipeline, RandomCropFlip, resize_images
+from lifelong.errors import DataNotFoundError
 
 
-def _check_source(name: str) -> None:
+def _check_source(name: str, image_folders: bool = False) -> None:
+    if image_folders and name.startswith(IMAGE_FOLDER):
+        if not name[len(IMAGE_FOLDER) :]:
+            raise ValueError(f"{IMAGE_FOLDER} needs a folder: {IMAGE_FOLDER}PATH (absolute, or below dataset.root)")
+        return
     if name not in SOURCES:
-        raise ValueError(f"unknown dataset source {name!r}; known: {sorted(SOURCES)}")
+        extra = f" and {IMAGE_FOLDER}PATH" if image_folders else f" ({IMAGE_FOLDER}PATH works in dataset.datasets)"
+        raise ValueError(f"unknown dataset source {name!r}; known: {sorted(SOURCES)}{extra}")
 
 
 def _same_classes_every_task(num_tasks: int, num_classes: int) -> torch.Tensor:
@@ -234,19 +247,22 @@ class SplitStream(_OneSourceStream):
 
 
 class SequenceStream(TaskStream):
-    """A sequence of datasets, one task each: MNIST then USPS, or the HAT "mixture" of MNIST, Fashion-MNIST,
-    USPS, SVHN, CIFAR-10, ... (Serra et al., 2018).
+    """A sequence of datasets, one task each: MNIST then USPS, or the HAT/DWA "mixture" of FaceScrub, MNIST,
+    CIFAR-100, notMNIST, SVHN, CIFAR-10, traffic signs and Fashion-MNIST (Serra et al., 2018).
 
     All images are resized (bilinear, antialiased) to one ``image_size`` and channel count when the stream is
     built, and each task is standardised by its own dataset's statistics. Every task keeps all its classes
     (local class = the dataset's label); by default the task scenario (one head per dataset).
 
     Args:
-        datasets: the sources in order, e.g. ``["mnist", "usps"]``; a source may appear more than once.
+        datasets: the sources in order, e.g. ``["mnist", "usps"]``; a source may appear more than once, and
+            ``image_folder:PATH`` names a dataset in torchvision's ImageFolder layout (one folder per class).
         num_tasks: ``None`` for one task per dataset, or fewer to use the first ones.
         image_size: ``[H, W]`` of every task; ``None`` for the first dataset's size.
         channels: 1 or 3; ``None`` for the most channels of any dataset (grey images are repeated).
         reverse: run the sequence in reverse order (e.g. USPS then MNIST).
+        shuffle: shuffle the order by ``seed``, as HAT's and DWA's mixture does; ``seed=0`` keeps the order
+            given (the listed order is the published seed-0 one), any other seed draws a permutation.
         augment: random crops and flips of training batches (for natural images).
         **kwargs: see :class:`TaskStream`.
     """
@@ -260,6 +276,7 @@ class SequenceStream(TaskStream):
         image_size: Sequence[int] | None = None,
         channels: int | None = None,
         reverse: bool = False,
+        shuffle: bool = False,
         augment: bool = False,
         **kwargs: Any,
     ) -> None:
@@ -267,9 +284,12 @@ class SequenceStream(TaskStream):
         if not names:
             raise ValueError("dataset.datasets must list at least one dataset")
         for name in names:
-            _check_source(name)
+            _check_source(name, image_folders=True)
         if reverse:
             names = names[::-1]
+        seed = int(kwargs.get("seed", 0))
+        if shuffle and seed != 0:
+            names = [names[i] for i in torch.randperm(len(names), generator=torch.Generator().manual_seed(seed))]
         if num_tasks is None:
             num_tasks = len(names)
         if num_tasks > len(names):
@@ -281,16 +301,33 @@ class SequenceStream(TaskStream):
         super().__init__(num_tasks=num_tasks, **kwargs)
         self.datasets = names[:num_tasks]
         self.reverse = reverse
+        self.shuffle = shuffle
         self.image_size = [int(s) for s in image_size] if image_size is not None else None
         self.channels = channels
         self.augment = RandomCropFlip(4) if augment else None
 
     def _prepare_files(self) -> None:
+        """Locate every dataset; when some are missing, one error names all of them."""
+        missing: list[tuple[str, DataNotFoundError]] = []
         for name in dict.fromkeys(self.datasets):
-            find_image_dataset(name, self.root, self.download)
+            try:
+                find_image_dataset(name, self.root, self.download)
+            except DataNotFoundError as err:
+                missing.append((name, err))
+        if len(missing) == 1:
+            raise missing[0][1]
+        if missing:
+            details = "\n\n".join(f"{name}: {err}" for name, err in missing)
+            raise DataNotFoundError(
+                f"{len(missing)} of the {len(dict.fromkeys(self.datasets))} datasets of this sequence are missing: "
+                f"{', '.join(name for name, _ in missing)}.\n\n{details}"
+            )
 
     def _build(self) -> None:
-        loaded = {name: load_image_dataset(name, self.root, self.download) for name in dict.fromkeys(self.datasets)}
+        size = self.image_size or None  # one-file-per-image datasets are read at the stream's size directly
+        loaded = {
+            name: load_image_dataset(name, self.root, self.download, size) for name in dict.fromkeys(self.datasets)
+        }
         first = loaded[self.datasets[0]][0].images
         size = self.image_size or list(first.shape[2:])
         channels = self.channels or max(split[0].images.shape[1] for split in loaded.values())
@@ -307,10 +344,10 @@ class SequenceStream(TaskStream):
             means.append(mean)
             stds.append(std)
         self.transform = ImagePipeline(torch.stack(means), torch.stack(stds))
-        width = max(SOURCES[n].num_classes for n in self.datasets)
-        local = torch.full((self.num_tasks, width), -1, dtype=torch.long)
+        classes = {name: num_classes_of(name, self.root) for name in loaded}
+        local = torch.full((self.num_tasks, max(classes.values())), -1, dtype=torch.long)
         for t, name in enumerate(self.datasets):
-            local[t, : SOURCES[name].num_classes] = torch.arange(SOURCES[name].num_classes)
+            local[t, : classes[name]] = torch.arange(classes[name])
         self._local = local
         self._train = _concat_tasks(train_parts)
         self._test = _concat_tasks(test_parts)
@@ -319,6 +356,7 @@ class SequenceStream(TaskStream):
         return {
             **super().describe(),
             "datasets": self.datasets,
+            "shuffle": self.shuffle,
             "image_size": self.image_size,
             "channels": self.channels,
             "augment": self.augment is not None,

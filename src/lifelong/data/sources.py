@@ -12,9 +12,15 @@ Search order for a dataset (first hit wins):
    the four Fashion-MNIST IDX ``.gz`` files),
 
 each in the layout torchvision's class expects (see :data:`SOURCES`: ``<dir>/MNIST/raw/``,
-``<dir>/USPS/usps.bz2``, ``<dir>/cifar-10-batches-py/``, ``<dir>/SVHN/train_32x32.mat``, ...),
+``<dir>/USPS/usps.bz2``, ``<dir>/cifar-10-batches-py/``, ``<dir>/SVHN/train_32x32.mat``,
+``<dir>/gtsrb/GTSRB/Training/``, ...),
 
 then, if ``download`` is true, torchvision's own download into ``root``.
+
+Any dataset on disk in torchvision's ``ImageFolder`` layout (one folder per class) is a source too, named
+``image_folder:PATH`` (see :func:`load_image_folder`): notMNIST and FaceScrub come that way, and so does a
+user's own data. Datasets stored as one image file per sample (GTSRB, image folders) are read once at a
+fixed size (32 x 32 unless the stream asks for another).
 """
 
 from __future__ import annotations
@@ -22,12 +28,14 @@ from __future__ import annotations
 import gzip
 import os
 import shutil
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import PIL
 import torch
-from torchvision import datasets
+from torchvision import datasets, transforms
 
 from lifelong.errors import CorruptDataError, DataNotFoundError
 
@@ -62,8 +70,10 @@ class Source:
             usual layout is ``<dir>/USPS/usps.bz2``.
         files: what must exist below the class's ``root`` for it to load without downloading.
         system_subdirs: folders of system packages that hold the IDX ``.gz`` files (Debian's layout).
-        split_kw: how the class selects a split: ``"train"`` (``train=True/False``) or ``"split"`` (SVHN).
+        split_kw: how the class selects a split: ``"train"`` (``train=True/False``) or ``"split"`` (SVHN,
+            GTSRB).
         num_classes: the number of classes.
+        per_file: one image file per sample, of any size (GTSRB): read with PIL at a fixed size.
     """
 
     cls: type[datasets.VisionDataset]
@@ -72,6 +82,7 @@ class Source:
     system_subdirs: tuple[str, ...] = ()
     split_kw: str = "train"
     num_classes: int = 10
+    per_file: bool = False
 
     def dataset(self, root: Path, train: bool, download: bool = False) -> datasets.VisionDataset:
         split: dict[str, object] = (
@@ -108,7 +119,17 @@ SOURCES: dict[str, Source] = {
         datasets.CIFAR100, "", tuple(f"cifar-100-python/{f}" for f in ("meta", "train", "test")), num_classes=100
     ),
     "svhn": Source(datasets.SVHN, "SVHN", ("train_32x32.mat", "test_32x32.mat"), split_kw="split"),
+    "gtsrb": Source(
+        datasets.GTSRB,
+        "",
+        ("gtsrb/GTSRB/Training", "gtsrb/GTSRB/Final_Test/Images", "gtsrb/GT-final_test.csv"),
+        split_kw="split",
+        num_classes=43,
+        per_file=True,
+    ),
 }
+IMAGE_FOLDER = "image_folder:"  # the prefix of a source in torchvision's ImageFolder layout: image_folder:PATH
+DEFAULT_FILE_SIZE = (32, 32)  # the size at which one-file-per-image datasets are read, unless a stream asks
 
 
 def search_dirs(root: str | os.PathLike[str] | None) -> list[Path]:
@@ -131,7 +152,7 @@ def search_dirs(root: str | os.PathLike[str] | None) -> list[Path]:
 
 
 def _has_files(root: Path, src: Source) -> bool:
-    return all((root / f).is_file() for f in src.files)
+    return all((root / f).exists() for f in src.files)
 
 
 def _has_gz(folder: Path) -> bool:
@@ -155,8 +176,14 @@ def _gunzip_into(src: Path, raw_folder: Path) -> None:
         tmp.replace(target)  # atomic: a half-written file is never taken for a good one
 
 
-def _as_split(ds: datasets.VisionDataset) -> ImageSplit:
-    """The images of a torchvision dataset as ``(N, C, H, W)`` uint8, and its labels as int64."""
+def _as_split(ds: datasets.VisionDataset, size: tuple[int, int] | None = None) -> ImageSplit:
+    """The images of a torchvision dataset as ``(N, C, H, W)`` uint8, and its labels as int64.
+
+    A dataset held in memory (``ds.data``) is taken as it is; one that reads an image file per sample is read
+    through its own ``__getitem__`` (PIL, RGB), resized to ``size`` (bilinear, antialiased).
+    """
+    if not hasattr(ds, "data"):
+        return _read_files(ds, size or DEFAULT_FILE_SIZE)
     images = torch.as_tensor(np.asarray(ds.data))
     if images.ndim == 3:  # (N, H, W): grey
         images = images.unsqueeze(1)
@@ -168,10 +195,19 @@ def _as_split(ds: datasets.VisionDataset) -> ImageSplit:
     return ImageSplit(images.to(torch.uint8).contiguous(), torch.as_tensor(np.asarray(labels)).long())
 
 
-def _load(src: Source, root: Path) -> tuple[ImageSplit, ImageSplit]:
+def _read_files(ds: datasets.VisionDataset, size: tuple[int, int]) -> ImageSplit:
+    ds.transform = transforms.Compose([transforms.Resize(size, antialias=True), transforms.PILToTensor()])
+    if len(ds) == 0:
+        return ImageSplit(torch.zeros(0, 3, *size, dtype=torch.uint8), torch.zeros(0, dtype=torch.long))
+    pairs = [ds[i] for i in range(len(ds))]
+    images = torch.stack([img for img, _ in pairs])
+    return ImageSplit(images.contiguous(), torch.tensor([int(label) for _, label in pairs], dtype=torch.long))
+
+
+def _load(src: Source, root: Path, size: tuple[int, int] | None = None) -> tuple[ImageSplit, ImageSplit]:
     try:
-        splits = [_as_split(src.dataset(root, train)) for train in (True, False)]
-    except (RuntimeError, ValueError, AssertionError, OSError, EOFError, KeyError) as err:
+        splits = [_as_split(src.dataset(root, train), size) for train in (True, False)]
+    except (RuntimeError, ValueError, AssertionError, OSError, EOFError, KeyError, PIL.UnidentifiedImageError) as err:
         files = ", ".join(str(root / f) for f in src.files[:2]) + (", ..." if len(src.files) > 2 else "")
         raise CorruptDataError(
             f"{src.cls.__name__} files ({files}) could not be read ({err}). "
@@ -243,8 +279,10 @@ def find_image_dataset(name: str, root: str | os.PathLike[str] | None = "data", 
         DataNotFoundError: no local copy, and the download is off or failed; the message lists the folders
             searched and how to provide the files.
     """
+    if name.startswith(IMAGE_FOLDER):
+        return find_image_folder(name[len(IMAGE_FOLDER) :], root)
     if name not in SOURCES:
-        raise ValueError(f"unknown image dataset {name!r}; known: {sorted(SOURCES)}")
+        raise ValueError(f"unknown image dataset {name!r}; known: {sorted(SOURCES)} and {IMAGE_FOLDER}PATH")
     src = SOURCES[name]
     found, searched = _locate(name, root)
     if found is not None:
@@ -270,12 +308,102 @@ def find_image_dataset(name: str, root: str | os.PathLike[str] | None = "data", 
 
 
 def load_image_dataset(
-    name: str, root: str | os.PathLike[str] | None = "data", download: bool = True
+    name: str,
+    root: str | os.PathLike[str] | None = "data",
+    download: bool = True,
+    size: Sequence[int] | None = None,
 ) -> tuple[ImageSplit, ImageSplit]:
     """Load the train and test split of ``name`` as uint8 tensors (see :func:`find_image_dataset`).
+
+    Args:
+        name: one of :data:`SOURCES`, or ``image_folder:PATH``.
+        root, download: see :func:`find_image_dataset`.
+        size: ``(H, W)`` at which datasets of one file per image (GTSRB, image folders) are read; default
+            32 x 32. Datasets held in arrays keep their size.
 
     Raises:
         DataNotFoundError: see :func:`find_image_dataset`.
         CorruptDataError: files were found but cannot be read.
     """
-    return _load(SOURCES[name], find_image_dataset(name, root, download))
+    hw = (int(size[0]), int(size[1])) if size is not None else None
+    if name.startswith(IMAGE_FOLDER):
+        return load_image_folder(find_image_dataset(name, root, download), hw)
+    return _load(SOURCES[name], find_image_dataset(name, root, download), hw)
+
+
+def num_classes_of(name: str, root: str | os.PathLike[str] | None = "data") -> int:
+    """The number of classes of a source (an image folder's: its class folders)."""
+    if name.startswith(IMAGE_FOLDER):
+        folder = find_image_dataset(name, root, download=False)
+        return len(_class_names(folder / "train" if _has_split_folders(folder) else folder))
+    return SOURCES[name].num_classes
+
+
+# ---- image folders ----------------------------------------------------------------------------------------
+IMAGE_FOLDER_TEST_FRACTION = 0.2  # held out per class when a folder has no train/ and test/ split of its own
+
+
+def _has_split_folders(folder: Path) -> bool:
+    return (folder / "train").is_dir() and (folder / "test").is_dir()
+
+
+def _class_names(folder: Path) -> list[str]:
+    return sorted(d.name for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
+
+
+def find_image_folder(path: str, root: str | os.PathLike[str] | None = "data") -> Path:
+    """The folder of an ``image_folder:PATH`` source: ``PATH`` if absolute, else the first ``<dir>/PATH`` of
+    the searched folders (see the module docstring) that holds class folders (or ``train/`` and ``test/``).
+
+    Raises:
+        DataNotFoundError: no such folder; the message lists the folders searched and the layout expected.
+    """
+    if not path:
+        raise ValueError(f"{IMAGE_FOLDER} needs a folder: {IMAGE_FOLDER}PATH (absolute, or below the data folders)")
+    given = Path(path).expanduser()
+    candidates = [given] if given.is_absolute() else [d / given for d in search_dirs(root)]
+    for folder in candidates:
+        if folder.is_dir() and (_has_split_folders(folder) or _class_names(folder)):
+            return folder
+    lines = "\n  ".join(str(c) for c in candidates)
+    raise DataNotFoundError(
+        f"the image folder {path!r} was not found in any of these places:\n  {lines}\n"
+        "Provide it in torchvision's ImageFolder layout, one folder of images per class (PATH/<class>/*.png), "
+        "or with its own split (PATH/train/<class>/..., PATH/test/<class>/...), and pass an absolute path, "
+        f"or a path relative to dataset.root or ${ENV_VAR}."
+    )
+
+
+def load_image_folder(folder: Path, size: tuple[int, int] | None = None) -> tuple[ImageSplit, ImageSplit]:
+    """The train and test split of an image folder, read by torchvision's ``ImageFolder`` (PIL, RGB) at ``size``.
+
+    With ``train/`` and ``test/`` subfolders those are the splits (their classes must be the same); otherwise a
+    fixed ``IMAGE_FOLDER_TEST_FRACTION`` of each class (a seeded choice that does not depend on the run's
+    seed, so every run tests on the same images) is the test split.
+    """
+    hw = size or DEFAULT_FILE_SIZE
+    try:
+        if _has_split_folders(folder):
+            train_ds, test_ds = datasets.ImageFolder(str(folder / "train")), datasets.ImageFolder(str(folder / "test"))
+            if train_ds.classes != test_ds.classes:
+                raise CorruptDataError(
+                    f"{folder}: train/ and test/ hold different class folders ({train_ds.classes[:5]}... against "
+                    f"{test_ds.classes[:5]}...); give both the same classes"
+                )
+            return _read_files(train_ds, hw), _read_files(test_ds, hw)
+        whole = _read_files(datasets.ImageFolder(str(folder)), hw)
+    except (FileNotFoundError, OSError, PIL.UnidentifiedImageError) as err:
+        raise CorruptDataError(f"the image folder {folder} could not be read ({err})") from err
+    g = torch.Generator().manual_seed(0)
+    test_rows = []
+    for c in whole.labels.unique():
+        rows = (whole.labels == c).nonzero().squeeze(1)
+        k = round(IMAGE_FOLDER_TEST_FRACTION * len(rows))
+        test_rows.append(rows[torch.randperm(len(rows), generator=g)[:k]])
+    is_test = torch.zeros(len(whole), dtype=torch.bool)
+    is_test[torch.cat(test_rows)] = True
+    pick = [is_test.logical_not().nonzero().squeeze(1), is_test.nonzero().squeeze(1)]
+    train, test = (ImageSplit(whole.images[p], whole.labels[p]) for p in pick)
+    if len(train) == 0 or len(test) == 0:
+        raise CorruptDataError(f"the image folder {folder} holds too few images to split into train and test")
+    return train, test

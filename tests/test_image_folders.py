@@ -1,0 +1,152 @@
+"""Datasets of one image file per sample: GTSRB through torchvision's class, and any ImageFolder dataset as
+``image_folder:PATH`` (notMNIST, FaceScrub, a user's own data); the mixture names whatever is missing."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from lifelong.data import SequenceStream, load_image_dataset
+from lifelong.data.sources import load_image_folder
+from lifelong.errors import CorruptDataError, DataNotFoundError
+from tests.conftest import QUIET, compose_run, run_train
+
+
+def _image(rng, label: int, size: tuple[int, int], grey: bool = False) -> Image.Image:
+    """Noise of ``size`` (W, H) whose top-left quarter encodes the label (so tests can check labels and layout)."""
+    w, h = size
+    pixels = rng.integers(0, 256, size=(h, w) if grey else (h, w, 3), dtype=np.uint8)
+    pixels[: h // 2, : w // 2] = 40 * label
+    return Image.fromarray(pixels, mode="L" if grey else "RGB")
+
+
+def write_image_folder(folder, classes: int = 3, per_class: int = 10, grey: bool = True, seed: int = 0) -> None:
+    """torchvision's ImageFolder layout: ``folder/<class>/<i>.png``, images of two different sizes."""
+    rng = np.random.default_rng(seed)
+    for c in range(classes):
+        (folder / f"class_{c}").mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            _image(rng, c, (20, 24) if i % 2 else (28, 28), grey).save(folder / f"class_{c}" / f"{i}.png")
+
+
+def write_gtsrb(root, classes: int = 3, per_class: int = 4, seed: int = 0) -> None:
+    """GTSRB as torchvision reads it: ``gtsrb/GTSRB/Training/<class:05d>/*.ppm`` and the final test set's images
+    with ``GT-final_test.csv`` (semicolon-separated, one ClassId per file); sizes vary as in the real data."""
+    rng = np.random.default_rng(seed)
+    base = root / "gtsrb"
+    for c in range(classes):
+        folder = base / "GTSRB" / "Training" / f"{c:05d}"
+        folder.mkdir(parents=True)
+        for i in range(per_class):
+            _image(rng, c, (30 + 3 * i, 32 + 2 * i)).save(folder / f"00000_{i:05d}.ppm")
+    test = base / "GTSRB" / "Final_Test" / "Images"
+    test.mkdir(parents=True)
+    rows = ["Filename;Width;Height;Roi.X1;Roi.Y1;Roi.X2;Roi.Y2;ClassId"]
+    for i in range(2 * classes):
+        name = f"{i:05d}.ppm"
+        _image(rng, i % classes, (40, 36)).save(test / name)
+        rows.append(f"{name};40;36;5;5;35;31;{i % classes}")
+    (base / "GT-final_test.csv").write_text("\n".join(rows) + "\n")
+
+
+def test_gtsrb_loads_from_its_ppm_files(tmp_path):
+    write_gtsrb(tmp_path)
+    train, test = load_image_dataset("gtsrb", tmp_path, download=False)
+    assert train.images.shape == (12, 3, 32, 32) and test.images.shape == (6, 3, 32, 32)
+    assert train.labels.tolist() == [c for c in range(3) for _ in range(4)]
+    assert test.labels.tolist() == [0, 1, 2, 0, 1, 2]
+    # the label survives the resize in the encoded quarter (40 * label)
+    torch.testing.assert_close(train.images[:, 0, 2, 2].float(), 40.0 * train.labels.float(), atol=3, rtol=0)
+    small, _ = load_image_dataset("gtsrb", tmp_path, download=False, size=(16, 16))
+    assert small.images.shape == (12, 3, 16, 16)
+
+
+def test_image_folder_split_is_fixed_and_stratified(tmp_path):
+    write_image_folder(tmp_path / "digits", classes=3, per_class=10)
+    train, test = load_image_dataset("image_folder:digits", tmp_path, download=False)
+    assert train.images.shape == (24, 3, 32, 32) and test.images.shape == (6, 3, 32, 32)  # grey read as RGB
+    assert torch.bincount(test.labels).tolist() == [2, 2, 2]  # 20 % of every class
+    again = load_image_dataset(f"image_folder:{tmp_path / 'digits'}", None, download=False)[1]  # absolute path
+    assert torch.equal(again.images, test.images)  # the split does not depend on anything but the folder
+    # a folder with its own split keeps it
+    write_image_folder(tmp_path / "own" / "train", per_class=4)
+    write_image_folder(tmp_path / "own" / "test", per_class=2, seed=1)
+    train, test = load_image_folder(tmp_path / "own", (8, 8))
+    assert (len(train), len(test), tuple(train.images.shape[2:])) == (12, 6, (8, 8))
+
+
+def test_image_folder_bad_input(tmp_path):
+    with pytest.raises(DataNotFoundError, match=r"ImageFolder layout") as err:
+        load_image_dataset("image_folder:no_such_folder", tmp_path, download=False)
+    assert str(tmp_path / "no_such_folder") in str(err.value)
+    (tmp_path / "broken" / "a").mkdir(parents=True)
+    (tmp_path / "broken" / "a" / "x.png").write_bytes(b"not a png")
+    with pytest.raises(CorruptDataError, match="could not be read"):
+        load_image_dataset("image_folder:broken", tmp_path, download=False)
+    with pytest.raises(ValueError, match="image_folder:PATH"):
+        SequenceStream(["mnist", "image_folder:"])
+    with pytest.raises(ValueError, match="unknown dataset source"):
+        SequenceStream(["mnist", "notmnist"])
+
+
+def test_sequence_names_every_missing_dataset(tmp_path, monkeypatch):
+    monkeypatch.delenv("LIFELONG_DATA_DIR", raising=False)
+    dm = SequenceStream(["gtsrb", "image_folder:notmnist", "svhn"], root=str(tmp_path), download=False)
+    with pytest.raises(DataNotFoundError) as err:
+        dm.prepare_data()
+    message = str(err.value)
+    assert message.startswith("3 of the 3 datasets of this sequence are missing: gtsrb, image_folder:notmnist, svhn")
+    assert str(tmp_path / "notmnist") in message and "gtsrb/GTSRB/Training" in message
+
+
+def test_mixture_preset_reports_its_missing_datasets(tmp_path, mnist_root):
+    write_gtsrb(tmp_path / "data")
+    proc = run_train(
+        ["dataset=mixture", "model=alexnet", f"dataset.root={tmp_path / 'data'}", "dataset.download=false", *QUIET],
+        tmp_path / "run",
+        env={"LIFELONG_DATA_DIR": str(mnist_root)},
+    )
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    first = next(line for line in proc.stderr.splitlines() if line.startswith("error:"))
+    # MNIST (LIFELONG_DATA_DIR) and the GTSRB fixture are found; the others are named
+    assert "5 of the 8 datasets" in first
+    for name in ("image_folder:facescrub", "cifar100", "image_folder:notmnist", "svhn", "cifar10"):
+        assert name in first
+    assert "gtsrb," not in first and " mnist" not in first
+
+
+def test_seed_shuffles_the_mixture_order():
+    listed = ["mnist", "cifar10", "svhn", "usps", "cifar100", "gtsrb", "fashion_mnist", "image_folder:x"]
+    assert SequenceStream(listed, shuffle=True, seed=0).datasets == listed  # the published seed-0 order
+    other = SequenceStream(listed, shuffle=True, seed=3).datasets
+    assert sorted(other) == sorted(listed) and other != listed
+    assert other == SequenceStream(listed, shuffle=True, seed=3).datasets
+
+
+@pytest.mark.integration
+def test_dwa_on_a_sequence_with_an_image_folder(mnist_root, tmp_path):
+    write_image_folder(tmp_path / "shapes", classes=3, per_class=60)
+    m = compose_run(
+        [
+            "method=dwa",
+            "dataset=dataset_sequence",
+            f"dataset.datasets=[mnist,image_folder:{tmp_path / 'shapes'}]",
+            "dataset.image_size=[28,28]",
+            "dataset.channels=1",
+            f"dataset.root={mnist_root}",
+            "dataset.max_train_samples=300",
+            "dataset.max_test_samples=100",
+            "dataset.batch_size=16",
+            "epochs_per_task=2",
+            "method.curriculum=false",
+            "method.anchor_samples=32",
+            "logger=none",
+        ],
+        tmp_path / "run",
+    )
+    assert m["stream"]["datasets"][1] == f"image_folder:{tmp_path / 'shapes'}"
+    assert m["stream"]["task_classes"] == [list(range(10)), list(range(10, 13))]
+    assert m["accuracy_matrix"][1][1] > 0.9  # the label is in the images: the folder's task is learnt
