@@ -15,6 +15,10 @@ Sections (README, "Performance", holds the table of the last full run):
 * ``e2e``: ``train.py method=ewc dataset=permuted_mnist dataset.num_tasks=10 epochs_per_task=1``: wall time
   and peak resident memory, against the same protocol through the usual torchvision pipeline (a PIL image
   per sample, ToTensor, a permutation transform, DataLoader).
+* ``dwa``: a training step of DWA's network (per-sample weight masks) beside HAT's (per-task unit masks) on
+  the same network, time and the step's peak memory (each in a fresh process), for the MLP of the split-MNIST
+  runs and the AlexNet-style network of the mixture; and the vectorised masked layers against a per-sample
+  loop (the original code's convolution).
 
 Timings are the minimum over interleaved repeats (the least disturbed by other load on a shared machine);
 the median is shown beside it.
@@ -44,8 +48,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from lifelong.data import PermutedStream
-from lifelong.methods import EWC, Finetune, fisher_sums, per_sample_loop_fisher
-from lifelong.models import CNN, MLP, ContinualClassifier
+from lifelong.methods import EWC, HAT, DWANet, Finetune, HATNet, fisher_sums, per_sample_loop_fisher
+from lifelong.models import CNN, MLP, AlexNet, ContinualClassifier
 from lifelong.run import stream_trainer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -436,9 +440,102 @@ def pipeline_baseline(tasks: int, root: str | None, out: str) -> None:
     Path(out).write_text(json.dumps({"accuracy_matrix": matrix, "avg_accuracy": average_accuracy(matrix)}))
 
 
+# ---- DWA ------------------------------------------------------------------------------------------------
+DWA_CASES = {  # name: (network, input shape, classes, batch)
+    "MLP 2x400, batch 128": (lambda: MLP((1, 28, 28), 10), (1, 28, 28), 10, 128),
+    "AlexNet, 3x32x32, batch 32": (lambda: AlexNet((3, 32, 32), 10, dropout=(0.0, 0.0)), (3, 32, 32), 10, 32),
+}
+
+
+def dwa_step(method: str, case: str, steps: int) -> dict[str, float]:
+    """Seconds per training step and the step's peak memory (MiB over the resident set before the steps) of
+    ``method``'s network (``hat`` or ``dwa``) on ``case``: Adam, cross-entropy, and each method's own loss terms
+    that a step computes (HAT's mask regulariser, DWA's sparsity and Fisher-weighted mask terms)."""
+    import resource
+
+    make, shape, classes, batch = DWA_CASES[case]
+    torch.manual_seed(0)
+    base = make()
+    net: nn.Module = HATNet(base, 2) if method == "hat" else DWANet(base, shape)
+    if method == "dwa":
+        for layer in net.masked:  # type: ignore[union-attr]
+            layer.importance = torch.rand_like(layer.weight) * 1e-4  # a second task's mask loss
+    opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+    x, y = torch.randn(batch, *shape), torch.randint(0, classes, (batch,))
+    task = torch.ones(batch, dtype=torch.long)
+    hat = HAT()
+    hat.previous = [torch.zeros(e.shape[1]) for e in getattr(net, "embeddings", [])]
+
+    def step() -> None:
+        out = net(x, task)
+        loss = F.cross_entropy(out, y)
+        if method == "dwa":
+            ctx = net.context  # type: ignore[union-attr]
+            loss = loss + 0.1 * sum(a.mean() for a in ctx.attention)
+            loss = loss + 500 * sum((a - 0.2).clamp_min(0).mean() for a in ctx.activity)
+        else:
+            holder = nn.Module()
+            holder.net = net
+            loss = loss + hat.penalty(holder, (x, y, task), out)  # type: ignore[operator]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+    step()  # allocate the optimizer's state before the baseline is read
+    with open("/proc/self/statm") as f:
+        before = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    seconds = (time.perf_counter() - start) / steps
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    params = sum(p.numel() for p in net.parameters())
+    return {"step_s": seconds, "peak_mib": max(0.0, peak - before), "params": params}
+
+
+def section_dwa(repeats: int) -> None:
+    print("\n[dwa] a training step of DWA's network beside HAT's, the same network underneath", flush=True)
+    for case in DWA_CASES:
+        results = {}
+        for method in ("hat", "dwa"):
+            runs = []
+            for _ in range(max(1, repeats // 2)):
+                cmd = [sys.executable, __file__, "--dwa-step", method, case]
+                out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+                runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
+            results[method] = {k: min(r[k] for r in runs) for k in runs[0]}
+        hat, dwa = results["hat"], results["dwa"]
+        row("dwa", f"{case}: HAT step / DWA step", f"{1e3 * hat['step_s']:.1f} / {1e3 * dwa['step_s']:.1f} ms")
+        row("dwa", f"{case}: DWA / HAT step time", f"{dwa['step_s'] / hat['step_s']:.0f}x")
+        row("dwa", f"{case}: HAT / DWA step peak memory", f"{hat['peak_mib']:.0f} / {dwa['peak_mib']:.0f} MiB")
+        row("dwa", f"{case}: HAT / DWA parameters", f"{hat['params'] / 1e6:.2f} M / {dwa['params'] / 1e6:.2f} M")
+    # the masked layers, vectorised against a loop over the samples (the original code's convolution)
+    torch.manual_seed(0)
+    net = DWANet(AlexNet((3, 32, 32), 10, dropout=(0.0, 0.0)), (3, 32, 32))
+    conv = net.masked[0]  # 64 -> 128 channels, 3x3
+    x = torch.randn(32, 64, 14, 14)
+    emb = torch.rand(32, 100)
+
+    def vectorised() -> None:
+        net.context.emb = emb
+        conv(x).sum().backward()
+
+    def loop() -> None:
+        masks = conv.mask(emb)
+        out = torch.cat(
+            [F.conv2d(x[b : b + 1], conv.weight * masks[b], conv.bias) for b in range(x.shape[0])]  # type: ignore[union-attr]
+        )
+        out.sum().backward()
+
+    res = timed({"vec": vectorised, "loop": loop}, repeats)
+    row("dwa", "masked Conv2d 64->128 3x3, batch 32: one grouped conv (fwd+bwd)", fmt(res["vec"]))
+    row("dwa", "masked Conv2d 64->128 3x3, batch 32: a conv per sample (fwd+bwd)", fmt(res["loop"]))
+    row("dwa", "masked Conv2d: speed-up of the grouped convolution", f"{res['loop'][0] / res['vec'][0]:.1f}x")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sections", nargs="+", default=["train", "fisher", "tasks", "e2e"])
+    parser.add_argument("--sections", nargs="+", default=["train", "fisher", "tasks", "e2e", "dwa"])
     parser.add_argument("--data-root", default=os.environ.get("LIFELONG_DATA_DIR") or None)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--e2e-tasks", type=int, default=10)
@@ -446,8 +543,12 @@ def main() -> None:
     parser.add_argument("--json", help="also write the table here")
     parser.add_argument("--pipeline-baseline", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
+    parser.add_argument("--dwa-step", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
+    if args.dwa_step:
+        print(json.dumps(dwa_step(*args.dwa_step, steps=10)))
+        return
     if args.pipeline_baseline:
         pipeline_baseline(args.pipeline_baseline, args.data_root, args.out)
         return
@@ -464,6 +565,8 @@ def main() -> None:
         section_tasks(args.repeats)
     if "e2e" in args.sections:
         section_e2e(args.data_root, args.e2e_tasks)
+    if "dwa" in args.sections:
+        section_dwa(args.repeats)
     print("\n| section | measure | value | target |\n| --- | --- | --- | --- |")
     for r in ROWS:
         print("| " + " | ".join(r) + " |")
