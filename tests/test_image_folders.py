@@ -18,7 +18,7 @@ def _image(rng, label: int, size: tuple[int, int], grey: bool = False) -> Image.
     """Noise of ``size`` (W, H) whose top-left quarter encodes the label (so tests can check labels and layout)."""
     w, h = size
     pixels = rng.integers(0, 256, size=(h, w) if grey else (h, w, 3), dtype=np.uint8)
-    pixels[: h // 2, : w // 2] = 40 * label
+    pixels[: h // 2, : w // 2] = (40 * label) % 256
     return Image.fromarray(pixels, mode="L" if grey else "RGB")
 
 
@@ -150,3 +150,58 @@ def test_dwa_on_a_sequence_with_an_image_folder(mnist_root, tmp_path):
     assert m["stream"]["datasets"][1] == f"image_folder:{tmp_path / 'shapes'}"
     assert m["stream"]["task_classes"] == [list(range(10)), list(range(10, 13))]
     assert m["accuracy_matrix"][1][1] > 0.9  # the label is in the images: the folder's task is learnt
+
+
+@pytest.fixture
+def mixture_root(tmp_path, monkeypatch, mnist_root, fashion_available):
+    """All eight datasets of the mixture: CIFAR-10/100, SVHN, GTSRB, FaceScrub (100 classes) and notMNIST as
+    fixtures in their real on-disk formats, MNIST (LIFELONG_DATA_DIR) and Fashion-MNIST (Debian) real."""
+    from tests.conftest import patch_checksums, write_cifar, write_svhn
+
+    root = tmp_path / "data"
+    patch_checksums(
+        monkeypatch,
+        cifar10=write_cifar(root, hundred=False),
+        cifar100=write_cifar(root, hundred=True),
+        svhn=write_svhn(root),
+    )
+    write_gtsrb(root, classes=43, per_class=2)
+    write_image_folder(root / "facescrub", classes=100, per_class=5, grey=False)
+    write_image_folder(root / "notmnist", classes=10, per_class=10)
+    monkeypatch.setenv("LIFELONG_DATA_DIR", str(mnist_root))
+    return root
+
+
+def test_mixture_builds_from_its_eight_sources(mixture_root):
+    from hydra.utils import instantiate
+
+    from tests.test_config import _compose
+
+    cfg = _compose(mixture_root, ["dataset=mixture", f"dataset.root={mixture_root}", "dataset.max_train_samples=20"])
+    dm = instantiate(cfg.dataset)
+    dm.prepare_data()
+    dm.setup("fit")
+    assert dm.datasets[:2] == ["image_folder:facescrub", "mnist"] and dm.num_tasks == 8
+    assert dm.input_shape == (3, 32, 32)
+    assert [len(c) for c in dm.task_classes] == [100, 10, 100, 10, 10, 10, 43, 10]
+    assert len(dm.test_data(0)) == 100 and len(dm.train_data(6)) == 20  # FaceScrub's 20 % held out; a subset
+
+
+@pytest.mark.slow
+def test_dwa_runs_on_the_mixture_with_alexnet(mixture_root, tmp_path):
+    """``python train.py method=dwa dataset=mixture model=alexnet``, on fixtures and tiny subsets."""
+    m = compose_run(
+        [
+            "method=dwa",
+            "dataset=mixture",
+            "model=alexnet",
+            f"dataset.root={mixture_root}",
+            "dataset.max_train_samples=16",
+            "dataset.max_test_samples=8",
+            "dataset.batch_size=8",
+            "method.anchor_samples=8",
+            "logger=none",
+        ],
+        tmp_path / "run",
+    )
+    assert len(m["accuracy_matrix"]) == 8 and m["stream"]["datasets"][-1] == "fashion_mnist"
