@@ -207,3 +207,13 @@ def patch_checksums(monkeypatch, cifar10: dict | None = None, cifar100: dict | N
             monkeypatch.setattr(cls, key, value)
     if svhn is not None:
         monkeypatch.setattr(datasets.SVHN, "split_list", svhn)
+
+
+def write_vision_fixtures(root: Path, monkeypatch) -> None:
+    """CIFAR-10, CIFAR-100 and SVHN fixtures under ``root``, with torchvision's checks pointed at their sums."""
+    patch_checksums(
+        monkeypatch,
+        cifar10=write_cifar(root, hundred=False),
+        cifar100=write_cifar(root, hundred=True),
+        svhn=write_svhn(root),
+    )

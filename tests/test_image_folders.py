@@ -11,7 +11,7 @@ from PIL import Image
 from lifelong.data import SequenceStream, load_image_dataset
 from lifelong.data.sources import load_image_folder
 from lifelong.errors import CorruptDataError, DataNotFoundError
-from tests.conftest import QUIET, compose_run, run_train
+from tests.conftest import QUIET, compose_run, run_train, write_vision_fixtures
 
 
 def _image(rng, label: int, size: tuple[int, int], grey: bool = False) -> Image.Image:
@@ -156,15 +156,8 @@ def test_dwa_on_a_sequence_with_an_image_folder(mnist_root, tmp_path):
 def mixture_root(tmp_path, monkeypatch, mnist_root, fashion_available):
     """All eight datasets of the mixture: CIFAR-10/100, SVHN, GTSRB, FaceScrub (100 classes) and notMNIST as
     fixtures in their real on-disk formats, MNIST (LIFELONG_DATA_DIR) and Fashion-MNIST (Debian) real."""
-    from tests.conftest import patch_checksums, write_cifar, write_svhn
-
     root = tmp_path / "data"
-    patch_checksums(
-        monkeypatch,
-        cifar10=write_cifar(root, hundred=False),
-        cifar100=write_cifar(root, hundred=True),
-        svhn=write_svhn(root),
-    )
+    write_vision_fixtures(root, monkeypatch)
     write_gtsrb(root, classes=43, per_class=2)
     write_image_folder(root / "facescrub", classes=100, per_class=5, grey=False)
     write_image_folder(root / "notmnist", classes=10, per_class=10)

@@ -12,7 +12,7 @@ from lifelong.data import sources as sources_module
 from lifelong.data.catalog import RotatedStream
 from lifelong.data.transforms import RandomCropFlip
 from lifelong.models import MLP, ContinualClassifier
-from tests.conftest import compose_run, load_checkpoint, patch_checksums, write_cifar, write_svhn
+from tests.conftest import compose_run, load_checkpoint, write_vision_fixtures
 
 
 def _ready(dm: TaskStream) -> TaskStream:
@@ -117,12 +117,7 @@ def test_mnist_then_usps(mnist_root):
 def vision_fixtures(tmp_path, monkeypatch):
     """CIFAR-10, CIFAR-100 and SVHN written in their real on-disk formats under one data folder."""
     root = tmp_path / "data"
-    patch_checksums(
-        monkeypatch,
-        cifar10=write_cifar(root, hundred=False),
-        cifar100=write_cifar(root, hundred=True),
-        svhn=write_svhn(root),
-    )
+    write_vision_fixtures(root, monkeypatch)
     monkeypatch.setattr(sources_module, "SYSTEM_DIRS", ())
     monkeypatch.delenv(sources_module.ENV_VAR, raising=False)
     return root

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import TypeVar
+
 import lightning as L
 from lightning.pytorch.callbacks import Callback
 from torch import Tensor, nn
@@ -47,3 +49,34 @@ class ContinualMethod(Callback):
             outputs: the network's raw outputs on ``x``, every head's (before the scenario's masking).
         """
         return None
+
+
+# ---- for methods that wrap the network (HAT, DWA) ---------------------------------------------------------
+NetT = TypeVar("NetT", bound=nn.Module)
+
+
+def require_task_scenario(method: str, stream: TaskStream, why: str) -> None:
+    """Refuse any scenario but ``task``, saying ``why`` the method needs the task identity."""
+    if stream.scenario != "task":
+        raise ValueError(f"method={method} needs dataset.scenario=task ({why}), got {stream.scenario!r}")
+
+
+def refuse_normalisation(method: str, net: nn.Module) -> None:
+    """Refuse a network with normalisation layers, whose statistics every task would share."""
+    norms = [n for n, m in net.named_modules() if isinstance(m, (nn.modules.batchnorm._NormBase, nn.LayerNorm))]
+    if norms:
+        raise ValueError(
+            f"method={method} cannot mask a network with normalisation layers ({norms[0]}, ...): every task would "
+            "share their statistics. Use model=mlp, cnn or alexnet"
+        )
+
+
+def wrapped_net(pl_module: L.LightningModule, cls: type[NetT], method: str) -> NetT:
+    """The module's network, checked to be the wrapper ``cls`` that ``method``'s ``configure_network`` builds."""
+    net = getattr(pl_module, "net", None)
+    if not isinstance(net, cls):
+        raise TypeError(
+            f"method={method} trains a {cls.__name__}: build the module with the network its "
+            "configure_network(net, stream) returns"
+        )
+    return net

@@ -30,7 +30,13 @@ from lifelong.data.complexity import entropy_complexity
 from lifelong.data.streams import TaskStream, stream_of
 from lifelong.data.tensors import Batch, TaskData
 from lifelong.errors import ResumeError
-from lifelong.methods.base import ContinualMethod, log_now
+from lifelong.methods.base import (
+    ContinualMethod,
+    log_now,
+    refuse_normalisation,
+    require_task_scenario,
+    wrapped_net,
+)
 from lifelong.methods.fisher import abs_pow_, conv_weight_grads, fisher_sums
 from lifelong.methods.quadratic import all_reduce_mean
 
@@ -300,12 +306,7 @@ class DWANet(nn.Module):
         super().__init__()
         if gate not in GATES:
             raise ValueError(f"method.gate must be one of {list(GATES)}, got {gate!r}")
-        norms = [n for n, m in net.named_modules() if isinstance(m, (nn.modules.batchnorm._NormBase, nn.LayerNorm))]
-        if norms:
-            raise ValueError(
-                f"method=dwa cannot mask a network with normalisation layers ({norms[0]}, ...): every task would "
-                "share their statistics. Use model=mlp, cnn or alexnet"
-            )
+        refuse_normalisation("dwa", net)
         named = [(n, m) for n, m in net.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
         if not 0 <= stem_layers <= len(named) - 2:
             raise ValueError(
@@ -544,18 +545,11 @@ class DWA(ContinualMethod):
     # ---- the network -------------------------------------------------------------------------------
     @override
     def configure_network(self, net: nn.Module, stream: TaskStream) -> nn.Module:
-        if stream.scenario != "task":
-            raise ValueError(
-                f"method=dwa needs dataset.scenario=task (its heads are per task, as in the paper), got "
-                f"{stream.scenario!r}"
-            )
+        require_task_scenario("dwa", stream, "its heads are per task, as in the paper")
         return DWANet(net, stream.input_shape, **self.net_options)
 
     def _net(self, pl_module: L.LightningModule) -> DWANet:
-        net = getattr(pl_module, "net", None)
-        if not isinstance(net, DWANet):
-            raise TypeError("method=dwa trains a DWANet: build the module with DWA.configure_network(net, stream)")
-        return net
+        return wrapped_net(pl_module, DWANet, "dwa")
 
     def _masked_params(self, pl_module: L.LightningModule) -> dict[str, nn.Parameter]:
         """The masked layers' weights and biases, by the module's parameter names."""

@@ -13,7 +13,7 @@ from typing_extensions import override
 
 from lifelong.data.streams import TaskStream, stream_of
 from lifelong.data.tensors import Batch
-from lifelong.methods.base import ContinualMethod
+from lifelong.methods.base import ContinualMethod, refuse_normalisation, require_task_scenario, wrapped_net
 
 
 class HATNet(nn.Module):
@@ -37,12 +37,7 @@ class HATNet(nn.Module):
 
     def __init__(self, net: nn.Module, num_tasks: int, s_max: float = 400.0) -> None:
         super().__init__()
-        norms = [n for n, m in net.named_modules() if isinstance(m, (nn.modules.batchnorm._NormBase, nn.LayerNorm))]
-        if norms:
-            raise ValueError(
-                f"method=hat cannot mask a network with normalisation layers ({norms[0]}, ...): every task would "
-                "share their statistics. Use model=mlp, cnn or alexnet"
-            )
+        refuse_normalisation("hat", net)
         layers = [m for m in net.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
         if len(layers) < 2:
             raise ValueError("method=hat needs a network with at least one hidden Linear or Conv2d layer")
@@ -144,18 +139,11 @@ class HAT(ContinualMethod):
 
     @override
     def configure_network(self, net: nn.Module, stream: TaskStream) -> nn.Module:
-        if stream.scenario != "task":
-            raise ValueError(
-                f"method=hat needs dataset.scenario=task (its masks are chosen by the task identity), got "
-                f"{stream.scenario!r}"
-            )
+        require_task_scenario("hat", stream, "its masks are chosen by the task identity")
         return HATNet(net, stream.num_tasks, self.s_max)
 
     def _net(self, pl_module: L.LightningModule) -> HATNet:
-        net = getattr(pl_module, "net", None)
-        if not isinstance(net, HATNet):
-            raise TypeError("method=hat trains a HATNet: build the module with HAT.configure_network(net, stream)")
-        return net
+        return wrapped_net(pl_module, HATNet, "hat")
 
     @override
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
