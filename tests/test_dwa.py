@@ -220,3 +220,28 @@ def test_dwa_resumes_to_the_same_result(mnist_root, tmp_path):
     for name, f in ends[0]["fisher"].items():
         torch.testing.assert_close(f, ends[1]["fisher"][name])
     assert full["accuracy_matrix"][0][0] > 0.9
+
+
+@pytest.mark.integration
+def test_dwa_trains_a_cnn(mnist_root, tmp_path):
+    """model=cnn: the second conv and the hidden dense layer are masked (the dense one in chunks)."""
+    m = compose_run(
+        [
+            "method=dwa",
+            "model=cnn",
+            "model.channels=[8,16]",  # small, so the test is quick: the structure is what is tested
+            "model.hidden_size=64",
+            "epochs_per_task=2",
+            "dataset=split_mnist",
+            "dataset.num_tasks=2",
+            "dataset.max_train_samples=256",
+            "dataset.max_test_samples=100",
+            "dataset.batch_size=32",
+            f"dataset.root={mnist_root}",
+            "method.curriculum=false",
+            "method.anchor_samples=64",
+            "logger=none",
+        ],
+        tmp_path,
+    )
+    assert m["accuracy_matrix"][0][0] > 0.9 and m["accuracy_matrix"][1][1] > 0.85, m["accuracy_matrix"]
