@@ -104,10 +104,10 @@ class _MaskedLayer(nn.Module):
         """The layer's output with per-sample weights ``(B, *weight.shape)`` (the bias added)."""
         raise NotImplementedError
 
-    def _chunk(self, x: Tensor, emb: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def _chunk(self, x: Tensor, emb: Tensor, collect: bool) -> tuple[Tensor, Tensor, Tensor]:
         mask = self.mask(emb)
         out = self.masked_call(x, self.weight * mask)
-        if not self.context.collect:
+        if not collect:
             return out, out.new_zeros(()), out.new_zeros(())
         flat = mask.flatten(1)
         # the soft activity is 1(raw > 0) in the gate's saturated limit, with a gradient (see DWA, R_sp)
@@ -123,10 +123,10 @@ class _MaskedLayer(nn.Module):
         self.last_emb = emb.detach()
         size = max(1, self.chunk_elements // self.weight.numel())
         if x.shape[0] <= size:
-            out, attention, activity = self._chunk(x, emb)
-        else:
+            out, attention, activity = self._chunk(x, emb, ctx.collect)
+        else:  # the backward pass recomputes each chunk (with the same `collect`, passed along)
             parts = [
-                cast(tuple[Tensor, Tensor, Tensor], checkpoint(self._chunk, xc, ec, use_reentrant=False))
+                cast(tuple[Tensor, Tensor, Tensor], checkpoint(self._chunk, xc, ec, ctx.collect, use_reentrant=False))
                 for xc, ec in zip(x.split(size), emb.split(size), strict=True)
             ]
             out = torch.cat([p[0] for p in parts])
