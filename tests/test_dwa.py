@@ -245,3 +245,23 @@ def test_dwa_trains_a_cnn(mnist_root, tmp_path):
         tmp_path,
     )
     assert m["accuracy_matrix"][0][0] > 0.9 and m["accuracy_matrix"][1][1] > 0.85, m["accuracy_matrix"]
+
+
+def test_warmup_divides_the_learning_rate_at_every_task_start():
+    from types import SimpleNamespace
+
+    from lifelong.data import PermutedStream
+
+    stream = PermutedStream(num_tasks=2, epochs_per_task=3)  # the clock only: no data is loaded
+    dwa = DWA(warmup_epochs=2, warmup_divisor=100.0, curriculum=False, anchor_first_task=False)
+    opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.5)
+    lrs = []
+    for epoch in range(3):  # the first task: 2 warm-up epochs, then the full rate
+        dwa.on_train_epoch_start(SimpleNamespace(datamodule=stream, current_epoch=epoch, optimizers=[opt]), None)
+        lrs.append(opt.param_groups[0]["lr"])
+    assert lrs == pytest.approx([0.005, 0.005, 0.5])
+    resumed = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.5)
+    resumed.load_state_dict(opt.state_dict())  # a resumed run keeps the base rate in the optimizer's state
+    dwa.search_anchors = lambda *args: {}  # the second task would search anchors; not what is tested here
+    dwa.on_train_epoch_start(SimpleNamespace(datamodule=stream, current_epoch=3, optimizers=[resumed]), None)
+    assert resumed.param_groups[0]["lr"] == pytest.approx(0.005)  # the second task starts warm-up again
