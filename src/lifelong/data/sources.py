@@ -73,7 +73,9 @@ class Source:
         split_kw: how the class selects a split: ``"train"`` (``train=True/False``) or ``"split"`` (SVHN,
             GTSRB).
         num_classes: the number of classes.
-        per_file: one image file per sample, of any size (GTSRB): read with PIL at a fixed size.
+
+    A class without a ``data`` array (GTSRB: one image file per sample, of any size) is read through its own
+    ``__getitem__`` at a fixed size (see :func:`load_image_dataset`).
     """
 
     cls: type[datasets.VisionDataset]
@@ -82,7 +84,6 @@ class Source:
     system_subdirs: tuple[str, ...] = ()
     split_kw: str = "train"
     num_classes: int = 10
-    per_file: bool = False
 
     def dataset(self, root: Path, train: bool, download: bool = False) -> datasets.VisionDataset:
         split: dict[str, object] = (
@@ -125,7 +126,6 @@ SOURCES: dict[str, Source] = {
         ("gtsrb/GTSRB/Training", "gtsrb/GTSRB/Final_Test/Images", "gtsrb/GT-final_test.csv"),
         split_kw="split",
         num_classes=43,
-        per_file=True,
     ),
 }
 IMAGE_FOLDER = "image_folder:"  # the prefix of a source in torchvision's ImageFolder layout: image_folder:PATH
