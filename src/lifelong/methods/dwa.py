@@ -626,11 +626,12 @@ class DWA(ContinualMethod):
         dm = stream_of(trainer)
         epoch = trainer.current_epoch
         task, epoch_in_task = dm.task_of_epoch(epoch), epoch % dm.epochs_per_task
-        factor = 1 / self.warmup_divisor if epoch_in_task < self.warmup_epochs else 1.0
-        for opt in trainer.optimizers:
-            for group in opt.param_groups:
-                base = group.setdefault("initial_lr", group["lr"])
-                group["lr"] = base * factor
+        if self.warmup_epochs:  # otherwise the optimizer's rate is left alone
+            factor = 1 / self.warmup_divisor if epoch_in_task < self.warmup_epochs else 1.0
+            for opt in trainer.optimizers:
+                for group in opt.param_groups:
+                    base = group.setdefault("initial_lr", group["lr"])
+                    group["lr"] = base * factor
         if self.curriculum and self.position:
             pl_module.log("dwa/curriculum_threshold", self.position["threshold"])
             pl_module.log("dwa/curriculum_samples", float(self.position["samples"]))
