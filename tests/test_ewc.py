@@ -71,13 +71,19 @@ def test_separate_penalty_value_and_gradient_match_the_sum_over_tasks():
 
 
 def test_penalty_is_zero_at_a_single_anchor():
+    """Exactly zero, not zero up to round-off: Adam scales each parameter's gradient by its own running size,
+    so round-off where the true gradient is zero (``Omega * theta - Omega * theta-bar``) becomes full steps
+    away from the anchor. With that form EWC lost 1.4 points on permuted Fashion-MNIST (README)."""
     module = Holder()
+    with torch.no_grad():
+        for p in module.parameters():
+            p.mul_(37.0)
     ewc = EWC(ewc_lambda=5.0)
     params = dict(module.named_parameters())
-    ewc.consolidate({n: torch.ones_like(p) for n, p in params.items()}, params)
+    ewc.consolidate({n: 10 ** (4 * torch.rand(p.shape)) for n, p in params.items()}, params)
     assert ewc.penalty_value(module).item() == 0.0
-    for g in _penalty_grad(ewc, module):  # zero up to float32 round-off of Omega * theta
-        torch.testing.assert_close(g, torch.zeros_like(g), rtol=0, atol=5 * 5.0 * torch.finfo(g.dtype).eps)
+    for g in _penalty_grad(ewc, module):
+        assert torch.equal(g, torch.zeros_like(g))
 
 
 def test_online_decay_over_three_task_ends():
