@@ -16,6 +16,7 @@ import hydra
 import lightning as L
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
+from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
@@ -63,7 +64,8 @@ def _checkpoint_to_resume(cfg: DictConfig, output_dir: Path) -> str | None:
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
     hc = HydraConfig.get()
-    return run(cfg, Path(hc.runtime.output_dir), dict(hc.runtime.choices))
+    sweep_dir = Path(hc.sweep.dir) if hc.mode == RunMode.MULTIRUN else None
+    return run(cfg, Path(hc.runtime.output_dir), dict(hc.runtime.choices), sweep_dir=sweep_dir)
 
 
 def build(cfg: DictConfig) -> tuple[TaskStream, ContinualClassifier, list[ContinualMethod]]:
@@ -88,8 +90,12 @@ def build(cfg: DictConfig) -> tuple[TaskStream, ContinualClassifier, list[Contin
     return datamodule, module, callbacks
 
 
-def run(cfg: DictConfig, output_dir: Path, choices: dict[str, Any]) -> float | None:
-    """Train through the stream of a composed config; results go to ``output_dir``. Returns the average accuracy.
+def run(cfg: DictConfig, output_dir: Path, choices: dict[str, Any], sweep_dir: Path | None = None) -> float | None:
+    """Train through the stream of a composed config; results go to ``output_dir``.
+
+    Returns what a sweep should select on (an Optuna trial's value): the validation average accuracy, or,
+    for a stream without validation data (``dataset.val_fraction=0``), the test average accuracy, with a
+    warning once per sweep (``sweep_dir``) that selecting on it selects on test.
 
     ``choices`` names the config groups chosen (``{"method": "ewc", "dataset": ...}``), for ``metrics.json``.
     Exits with status 2 and one message on bad values or missing data.
@@ -128,7 +134,29 @@ def run(cfg: DictConfig, output_dir: Path, choices: dict[str, Any]) -> float | N
     except LifelongError as err:  # e.g. a checkpoint of another run
         _fail(str(err))
         return None
-    return metrics.get("avg_accuracy")  # what an Optuna sweep maximises
+    if datamodule.has_validation:
+        return metrics.get("val_avg_accuracy")
+    if sweep_dir is not None:
+        _warn_selecting_on_test(sweep_dir)
+    return metrics.get("avg_accuracy")
+
+
+def _warn_selecting_on_test(sweep_dir: Path) -> None:
+    """Once per sweep (the first job to get here creates a marker in the sweep folder, whichever process it is)."""
+    try:
+        fd = os.open(sweep_dir / ".warned_selecting_on_test", os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        return
+    except OSError:
+        pass  # an unwritable sweep folder: warn anyway
+    else:
+        os.close(fd)
+    log.warning(
+        "this sweep's runs have no validation data (dataset.val_fraction=0): the value each job returns, and that "
+        "a sweeper such as Optuna maximises, is TEST accuracy, so a setting chosen by it is chosen on test. "
+        "Set dataset.val_fraction (e.g. 0.1) to select on held-out training data, then report test accuracy "
+        "(python scripts/summarize.py SWEEP --select)."
+    )
 
 
 def _check_output_folder(argv: list[str]) -> None:

@@ -33,8 +33,10 @@ def test_ddp_fisher_equals_the_single_process_fisher(tmp_path, mnist_root):
     # The first consolidation's importance is task 1's Fisher, estimated by two ranks on halves of the data
     ckpt = load_checkpoint(tmp_path / "run" / "checkpoints" / "task_1.ckpt")
     ewc = ewc_state(ckpt)
-    standardize = ckpt["lifelong"]["info"]["config"]["dataset"]["standardize"]  # the run's input, rebuilt
-    dm = PermutedStream(root=str(mnist_root), download=False, standardize=standardize, **STREAM)
+    dataset = ckpt["lifelong"]["info"]["config"]["dataset"]  # the run's input and training split, rebuilt
+    assert dataset["val_fraction"] > 0  # a validation split every rank agreed on (checked at setup)
+    options = {k: dataset[k] for k in ("standardize", "val_fraction")}
+    dm = PermutedStream(root=str(mnist_root), download=False, **options, **STREAM)
     dm.prepare_data()
     dm.setup("fit")
     module = ContinualClassifier(MLP(dm.input_shape, 10), functools.partial(torch.optim.Adam), 2, 10)
@@ -100,6 +102,7 @@ def test_ddp_dwa_fisher_and_anchor_match_one_process(tmp_path, mnist_root):
         "dataset=split_mnist",
         f"dataset.root={mnist_root}",
         *(f"dataset.{k}={v}" for k, v in stream.items()),
+        "dataset.val_fraction=0",  # the recomputation below trains on the whole training set
         "trainer=ddp_cpu",
         "logger=none",
         "trainer.enable_progress_bar=false",

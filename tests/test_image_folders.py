@@ -170,7 +170,10 @@ def test_mixture_builds_from_its_eight_sources(mixture_root):
 
     from tests.test_config import _compose
 
-    cfg = _compose(mixture_root, ["dataset=mixture", f"dataset.root={mixture_root}", "dataset.max_train_samples=20"])
+    cfg = _compose(
+        mixture_root,
+        ["dataset=mixture", f"dataset.root={mixture_root}", "dataset.max_train_samples=20", "dataset.val_fraction=0"],
+    )
     dm = instantiate(cfg.dataset)
     dm.prepare_data()
     dm.setup("fit")
@@ -191,6 +194,7 @@ def test_dwa_runs_on_the_mixture_with_alexnet(mixture_root, tmp_path):
             f"dataset.root={mixture_root}",
             "dataset.max_train_samples=16",
             "dataset.max_test_samples=8",
+            "dataset.val_fraction=0",  # 16 samples of up to 100 classes: too few to hold any out
             "dataset.batch_size=8",
             "method.anchor_samples=8",
             "logger=none",

@@ -9,11 +9,11 @@ import sys
 
 import pytest
 
-from lifelong.metrics.summary import collect, main, markdown
+from lifelong.metrics.summary import collect, main, markdown, select
 from tests.conftest import REPO
 
 
-def _write(folder, method, seed, acc, bwt, forgetting, scenario="task", done=3):
+def _write(folder, method, seed, acc, bwt, forgetting, scenario="task", done=3, val=None, config=None):
     folder.mkdir(parents=True)
     metrics = {
         "accuracy_matrix": [[acc]],
@@ -26,7 +26,10 @@ def _write(folder, method, seed, acc, bwt, forgetting, scenario="task", done=3):
         "dataset": "split_mnist",
         "scenario": scenario,
         "seed": seed,
+        "config": {"seed": seed, "dataset": {"seed": seed, "root": f"/data/{seed}"}, **(config or {})},
     }
+    if val is not None:
+        metrics["val_avg_accuracy"] = val
     (folder / "metrics.json").write_text(json.dumps(metrics))
 
 
@@ -59,8 +62,9 @@ def test_means_and_stds_by_hand(sweep):
     assert ft.std("avg_accuracy") == pytest.approx(0.0707107, abs=1e-6)  # |0.6 - 0.7| / sqrt(2)
     assert by["finetune", "class"].std("avg_accuracy") == 0.0
     table = markdown(groups)
-    assert "| split_mnist | task | 3 | `ewc` | 3 | 92.00 ± 2.00 | -4.00 ± 2.00 | 5.00 ± 2.00 |" in table
-    assert "| split_mnist | class | 3 | `finetune` | 1 | 19.00 | -99.00 | 99.00 |" in table
+    assert "| split_mnist | task | 3 | `ewc` | 3 | 92.00 ± 2.00 | -4.00 ± 2.00 | 5.00 ± 2.00 | n/a | n/a |" in table
+    assert "| split_mnist | class | 3 | `finetune` | 1 | 19.00 | -99.00 | 99.00 | n/a | n/a |" in table
+    assert all(g.setting == () for g in groups)  # seeds (and paths that differ with them) are not settings
 
 
 def test_command_prints_the_table_and_writes_csv_and_plot(sweep, capsys):
@@ -81,3 +85,39 @@ def test_empty_or_missing_folder_is_an_error(tmp_path, capsys):
         [sys.executable, str(REPO / "scripts" / "summarize.py"), str(tmp_path / "nope")], capture_output=True, text=True
     )
     assert proc.returncode == 2 and "is not a folder" in proc.stderr
+
+
+@pytest.fixture
+def lambda_sweep(tmp_path):
+    """Three lambdas x two seeds where validation and test disagree: lambda 10 is best on validation, 100 on test."""
+    root = tmp_path / "lambdas"
+    #               lambda: (val, test) for seeds 0 and 1
+    results = {1: [(0.80, 0.80), (0.82, 0.81)], 10: [(0.90, 0.84), (0.88, 0.86)], 100: [(0.86, 0.95), (0.85, 0.97)]}
+    for lam, pairs in results.items():
+        for seed, (val, test) in enumerate(pairs):
+            config = {"method": {"ewc_lambda": lam, "mode": "separate"}, "trainer": {"devices": seed + 1}}
+            _write(root / f"{lam}_{seed}", "ewc", seed, test, -0.05, 0.05, val=val, config=config)
+    return root
+
+
+def test_select_picks_by_validation_not_by_test(lambda_sweep, capsys):
+    groups, _ = collect(lambda_sweep)
+    assert [g.setting for g in groups] == [(("method.ewc_lambda", v),) for v in ("1", "10", "100")]
+    (chosen,), notes = select(groups)
+    assert notes == [] and chosen.best.setting == (("method.ewc_lambda", "10"),)  # not 100, the best on test
+    assert chosen.best.mean("avg_accuracy") == pytest.approx(0.85) and len(chosen.candidates) == 3
+    assert main([str(lambda_sweep), "--select"]) == 0
+    out = capsys.readouterr().out
+    row = "| split_mnist | task | 3 | `ewc` method.ewc_lambda=10 | 3 | 2 | 89.00 ± 1.41 | 85.00 ± 1.41 |"
+    assert row in out
+    assert "Hyperparameters (config keys that vary between runs of a method): method.ewc_lambda" in out
+    with open(lambda_sweep / "selection.csv") as f:
+        (selected,) = list(csv.DictReader(f))
+    assert selected["setting"] == "method.ewc_lambda=10" and selected["seeds"] == "0 1"
+
+
+def test_select_refuses_runs_without_validation(sweep, capsys):
+    assert main([str(sweep), "--select"]) == 2
+    err = capsys.readouterr().err
+    assert "without validation accuracy" in err and "dataset.val_fraction=0.1" in err
+    assert not (sweep / "selection.csv").exists()

@@ -44,6 +44,19 @@ def test_run_folder_holds_the_output_contract(fashion_runs):
     for key, value in {"num_tasks": 3, "method": "ewc", "dataset": "permuted_fashion_mnist", "seed": 0}.items():
         assert m[key] == value
     assert m["wall_time_s"] > 0 and "forgetting" in m
+    # the default holds out 10 % of each task's training data: a validation matrix beside the test one
+    v = m["val_accuracy_matrix"]
+    assert len(v) == 3 and all(len(row) == 3 for row in v) and v != r
+    assert m["val_avg_accuracy"] == pytest.approx(sum(v[-1]) / 3, abs=1e-6)
+    assert m["stream"]["val_sizes"] == [6000] * 3 and m["stream"]["train_sizes"] == [54000] * 3
+    # forward transfer against the untrained network's accuracy, and learning accuracy, by hand
+    b = m["initial_accuracy"]
+    assert len(b) == 3 and all(0.0 <= x <= 0.3 for x in b)  # about chance (10 classes) before training
+    assert m["fwt"] == pytest.approx(((r[0][1] - b[1]) + (r[1][2] - b[2])) / 2, abs=1e-5)
+    assert m["learning_accuracy"] == pytest.approx((r[0][0] + r[1][1] + r[2][2]) / 3, abs=1e-5)
+    assert m["val_fwt"] == pytest.approx(
+        ((v[0][1] - m["val_initial_accuracy"][1]) + (v[1][2] - m["val_initial_accuracy"][2])) / 2, abs=1e-5
+    )
     with open(run_dir / "accuracy_matrix.csv") as f:
         rows = list(csv.reader(f))
     assert rows[0] == ["after_task", "task_1", "task_2", "task_3"]
@@ -53,13 +66,15 @@ def test_run_folder_holds_the_output_contract(fashion_runs):
     assert (run_dir / ".hydra" / "config.yaml").is_file()
     assert "Accuracy matrix" in proc.stdout and "average accuracy" in proc.stdout
     log = (run_dir / "train.log").read_text()  # Hydra's job log: a line per task, then the summary
-    assert "after task 1/3: test accuracy" in log and "after task 3/3" in log and "Accuracy matrix" in log
+    assert "after task 1/3: validation accuracy" in log and "after task 3/3" in log and "Accuracy matrix" in log
     # TensorBoard: scalars per task and the heatmap as an image
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     events = EventAccumulator(str(run_dir / "tensorboard")).Reload()
     tags = events.Tags()
-    assert {"train/loss", "train/ewc_penalty", "val/acc/task_1", "val/acc/task_3"} <= set(tags["scalars"])
+    per_task = {f"{split}/acc/task_{j}" for split in ("val", "test") for j in (1, 3)}
+    summary = {f"{split}/{k}" for split in ("val", "test") for k in ("avg_accuracy", "bwt", "fwt", "learning_accuracy")}
+    assert {"train/loss", "train/ewc_penalty", *per_task, *summary} <= set(tags["scalars"])
     assert "accuracy_matrix" in tags["images"]
     # a checkpoint per task, with the EWC state and the stream's permutations in it
     ckpts = sorted(p.name for p in (run_dir / "checkpoints").glob("*.ckpt"))
@@ -68,6 +83,7 @@ def test_run_folder_holds_the_output_contract(fashion_runs):
     assert ewc_state(ckpt)["num_consolidated"] == 2
     assert ckpt["PermutedStream"]["permutations"].shape == (3, 784)
     assert torch.isnan(ckpt["state_dict"]["accuracy_matrix"][2]).all()
+    assert not torch.isnan(ckpt["state_dict"]["val_accuracy_matrix"][1]).any()
 
 
 @pytest.mark.integration
@@ -118,6 +134,9 @@ def test_resumed_stream_ends_where_the_uninterrupted_one_does(tmp_path, mnist_ro
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     a, b = read_metrics(tmp_path / "full"), read_metrics(tmp_path / "resumed")
     assert b["accuracy_matrix"] == a["accuracy_matrix"]
+    # the same validation split after resume (rebuilt from the seed; its fingerprint is checked on load)
+    assert b["stream"]["val_sha1"] == a["stream"]["val_sha1"] and b["val_accuracy_matrix"] == a["val_accuracy_matrix"]
+    assert b["initial_accuracy"] == a["initial_accuracy"]  # measured before task 1, carried by the checkpoint
     ewc = [
         ewc_state(load_checkpoint(d / "checkpoints" / "task_2.ckpt")) for d in (tmp_path / "full", tmp_path / "resumed")
     ]

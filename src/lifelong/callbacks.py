@@ -54,7 +54,8 @@ class StreamReport(L.Callback):
 
     Files in ``output_dir``: ``metrics.json`` (the output contract of the README), ``accuracy_matrix.csv``,
     ``accuracy_matrix.png`` (heatmap) and ``accuracy_curves.png`` (each task's accuracy along the stream);
-    in TensorBoard, both figures and ``test/avg_acc``, ``test/bwt``, ``test/forgetting``.
+    in TensorBoard, both figures and the summary metrics as ``test/<metric>`` and, with a validation split,
+    ``val/<metric>``.
 
     Args:
         output_dir: the run's folder.
@@ -80,9 +81,13 @@ class StreamReport(L.Callback):
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         rows: torch.Tensor = pl_module.completed_rows().cpu()  # type: ignore[operator]
         dm = stream_of(trainer)
+        results = _results(rows, pl_module.initial_accuracy.cpu())  # type: ignore[arg-type]
+        if dm.has_validation:
+            val_rows = pl_module.completed_rows(validation=True).cpu()  # type: ignore[operator]
+            val = _results(val_rows, pl_module.val_initial_accuracy.cpu())  # type: ignore[arg-type]
+            results.update({f"val_{k}": v for k, v in val.items()})
         self.metrics = {
-            "accuracy_matrix": [[round(v, 6) for v in row] for row in rows.tolist()],
-            **({k: _num(v) for k, v in summarize(rows).items()} if len(rows) else {}),
+            **results,
             "num_tasks": dm.num_tasks,
             "tasks_completed": len(rows),
             **self.info,
@@ -111,11 +116,26 @@ class StreamReport(L.Callback):
                 tb.experiment.add_figure(name, fig, global_step=step, close=False)
             fig.clf()
         if tb is not None:
-            for key in ("avg_accuracy", "bwt", "forgetting"):
-                if self.metrics.get(key) is not None:
-                    tb.experiment.add_scalar(f"test/{key}", self.metrics[key], step)
+            for split, prefix in (("test", ""), ("val", "val_")):
+                for key in SUMMARY_KEYS:
+                    if self.metrics.get(prefix + key) is not None:
+                        tb.experiment.add_scalar(f"{split}/{key}", self.metrics[prefix + key], step)
             tb.experiment.flush()
         _print_summary(self.metrics, out)
+
+
+SUMMARY_KEYS = ("avg_accuracy", "bwt", "forgetting", "fwt", "learning_accuracy")
+
+
+def _results(rows: torch.Tensor, initial: torch.Tensor) -> dict[str, Any]:
+    """One split's (test or validation) entries of ``metrics.json``: the matrix, the reference row, the summary."""
+    out: dict[str, Any] = {
+        "accuracy_matrix": [[round(v, 6) for v in row] for row in rows.tolist()],
+        "initial_accuracy": None if initial.isnan().any() else [round(v, 6) for v in initial.tolist()],
+    }
+    if len(rows):
+        out.update({k: _num(v) for k, v in summarize(rows, None if initial.isnan().any() else initial).items()})
+    return out
 
 
 def _print_summary(metrics: dict[str, Any], out: Path) -> None:
@@ -131,8 +151,11 @@ def _print_summary(metrics: dict[str, Any], out: Path) -> None:
         return "n/a" if v is None else f"{100 * v:.2f}"
 
     lines.append(
-        f"average accuracy {fmt('avg_accuracy')} %  |  BWT {fmt('bwt')} %  |  forgetting {fmt('forgetting')} %"
+        f"average accuracy {fmt('avg_accuracy')} %  |  BWT {fmt('bwt')} %  |  forgetting {fmt('forgetting')} %  |  "
+        f"FWT {fmt('fwt')} %  |  learning accuracy {fmt('learning_accuracy')} %"
     )
+    if metrics.get("val_avg_accuracy") is not None:
+        lines.append(f"validation: average accuracy {fmt('val_avg_accuracy')} %  |  BWT {fmt('val_bwt')} %")
     lines.append(f"results: {out}")
     # through logging, so that under Hydra it reaches both the console and the run's train.log
     log.info("\n".join(lines))

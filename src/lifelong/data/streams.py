@@ -22,6 +22,7 @@ The stream maps labels (:attr:`TaskStream.targets`); the heads live in the Light
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 from typing import Any
 
@@ -59,6 +60,11 @@ class TaskStream(L.LightningDataModule):
             keeps them in [0, 1], black = 0, as Kirkpatrick et al. (2017) and van de Ven et al. feed permuted
             MNIST. On a permuted stream this matters for EWC: with black at 0 the weights from a task's
             always-black pixels get no gradient from it and stay free for other tasks.
+        val_fraction: hold out this fraction of each task's training data as its validation set (seeded by
+            ``seed`` and the task, class-stratified, after ``max_train_samples``), in ``[0, 1)``. With a
+            validation set, every task end evaluates validation and test separately, and validation is what
+            a sweep should select on. ``0`` (the class's default) trains on all of it; ``conf/dataset``
+            sets 0.1 for runs from the command line.
     """
 
     scenarios: tuple[str, ...] = ("task", "domain", "class")
@@ -79,6 +85,7 @@ class TaskStream(L.LightningDataModule):
         max_test_samples: int | None = None,
         scenario: str | None = None,
         standardize: bool = True,
+        val_fraction: float = 0.0,
     ) -> None:
         super().__init__()
         scenario = scenario or self.default_scenario
@@ -111,6 +118,12 @@ class TaskStream(L.LightningDataModule):
         if not isinstance(standardize, bool):
             raise ValueError(f"dataset.standardize must be true or false, got {standardize!r}")
         self.standardize = standardize
+        if isinstance(val_fraction, bool) or not isinstance(val_fraction, (int, float)) or not 0 <= val_fraction < 1:
+            raise ValueError(
+                f"dataset.val_fraction must be a number in [0, 1) (the share of each task's training data held "
+                f"out for validation; 0 for none), got {val_fraction!r}"
+            )
+        self.val_fraction = float(val_fraction)
         self.transform: BatchTransform | None = None
         self.augment: Augment | None = None  # a random augmentation of training batches
         self.targets: torch.Tensor | None = None  # (T, K) base label -> output; None: the base labels
@@ -119,6 +132,7 @@ class TaskStream(L.LightningDataModule):
         self._local: torch.Tensor | None = None  # (T, K) base label -> local class of the task, -1 if none
         self._train: list[TaskData] = []
         self._test: list[TaskData] = []
+        self._val: list[TaskData] = []  # empty without a validation split
         self._device = torch.device("cpu")
         # set by methods: which of a task's training samples an epoch trains on (DWA's curriculum), and
         # whether training batches carry each sample's row, (x, y, task, rows)
@@ -185,13 +199,47 @@ class TaskStream(L.LightningDataModule):
             self._limit()
         if self.trainer is not None:
             self._place(self.trainer.strategy.root_device)
+            if self.trainer.world_size > 1 and self._val:
+                self._check_same_split_on_every_rank()
+
+    def _check_same_split_on_every_rank(self) -> None:
+        """The split is drawn from the seed alone, so every rank holds out the same samples; checked, not assumed
+        (a rank that validated on another rank's training data would leak it into the results)."""
+        assert self.trainer is not None
+        mine = _val_fingerprint(self._val)
+        theirs = self.trainer.strategy.broadcast(mine, src=0)
+        if mine != theirs:
+            raise ValueError(
+                f"rank {self.trainer.global_rank} holds out another validation split than rank 0 ({mine} vs "
+                f"{theirs}): give every process the same dataset options and seed"
+            )
 
     def _limit(self) -> None:
-        """Apply ``max_train_samples`` / ``max_test_samples`` (seeded; the same rows for every task)."""
+        """Apply ``max_train_samples`` / ``max_test_samples`` (seeded; the same rows for every task), then hold
+        out ``val_fraction`` of each task's training samples (seeded by the seed and the task: the same split on
+        every rank and in every process that rebuilds the stream, such as a resumed run)."""
         for tasks, limit, salt in ((self._train, self.max_train_samples, 1), (self._test, self.max_test_samples, 2)):
             if limit is not None:
                 for i, d in enumerate(tasks):
                     tasks[i] = d.subset(int(limit), torch.Generator().manual_seed(self.seed * 31 + salt))
+        self._val = []
+        if self.val_fraction > 0:
+            for t, d in enumerate(self._train):
+                self._train[t], held_out = d.split(
+                    self.val_fraction, torch.Generator().manual_seed(self.seed * 8191 + t)
+                )
+                if len(held_out) == 0 or len(self._train[t]) == 0:
+                    raise ValueError(
+                        f"dataset.val_fraction={self.val_fraction} leaves task {t + 1} with {len(self._train[t])} "
+                        f"training and {len(held_out)} validation samples; raise max_train_samples or change "
+                        "val_fraction"
+                    )
+                self._val.append(held_out)
+
+    @property
+    def has_validation(self) -> bool:
+        """Whether the stream holds out validation data (``val_fraction > 0``)."""
+        return self.val_fraction > 0
 
     def to(self, device: torch.device | str) -> TaskStream:
         """Hold the stream's data on ``device`` (the trainer does this at setup)."""
@@ -209,7 +257,7 @@ class TaskStream(L.LightningDataModule):
                 moved[id(t)] = t.to(device)
             return moved[id(t)]
 
-        for tasks in (self._train, self._test):
+        for tasks in (self._train, self._val, self._test):
             for i, d in enumerate(tasks):
                 tasks[i] = TaskData(move(d.images), move(d.labels), move(d.rows), move(d.tasks), d.task)
         to = getattr(self.transform, "to", None)
@@ -225,6 +273,12 @@ class TaskStream(L.LightningDataModule):
 
     def test_data(self, task: int) -> TaskData:
         return self._test[task]
+
+    def val_data(self, task: int) -> TaskData:
+        """The validation samples of ``task``: held out of its training data (needs ``val_fraction > 0``)."""
+        if not self._val:
+            raise ValueError("this stream has no validation data: set dataset.val_fraction > 0")
+        return self._val[task]
 
     def replay_batch(
         self, rows: torch.Tensor, tasks: torch.Tensor, generator: torch.Generator | None = None
@@ -278,7 +332,12 @@ class TaskStream(L.LightningDataModule):
         return self.loader(data, train=True, epoch=epoch, rows=self.train_rows)
 
     def val_dataloader(self) -> list[TensorBatchLoader]:
-        return [self.loader(d, train=False) for d in self._test]
+        """What each task end evaluates: every task's validation set (if any), then every task's test set.
+
+        Both in Lightning's validation loop, so one pass at each task end fills a row of both accuracy
+        matrices (see :class:`lifelong.models.ContinualClassifier`).
+        """
+        return [self.loader(d, train=False) for d in (*self._val, *self._test)]
 
     @override
     def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
@@ -301,6 +360,7 @@ class TaskStream(L.LightningDataModule):
             "standardize": self.standardize,
             "train_sizes": [len(d) for d in self._train],
             "test_sizes": [len(d) for d in self._test],
+            **({"val_fraction": self.val_fraction, **_val_fingerprint(self._val)} if self.val_fraction > 0 else {}),
         }
 
     def state_dict(self) -> dict[str, Any]:
@@ -317,6 +377,14 @@ class TaskStream(L.LightningDataModule):
                 f"  checkpoint: {saved}\n  this run:   {self.describe()}\n"
                 "Resume with the same dataset options and seed as the original run."
             )
+
+
+def _val_fingerprint(val: list[TaskData]) -> dict[str, Any]:
+    """The validation split's sizes and a short fingerprint of its rows: a resumed run must hold out the same."""
+    digest = hashlib.sha1()
+    for d in val:
+        digest.update(d.rows.cpu().numpy().tobytes())
+    return {"val_sizes": [len(d) for d in val], "val_sha1": digest.hexdigest()[:12]}
 
 
 def stream_of(trainer: L.Trainer) -> TaskStream:

@@ -62,6 +62,25 @@ class TaskData:
         pick = torch.randperm(len(self), generator=generator)[:num_samples].sort().values
         return replace(self, rows=self.rows[pick], tasks=self.tasks[pick])
 
+    def split(self, fraction: float, generator: torch.Generator) -> tuple[TaskData, TaskData]:
+        """Hold out ``fraction`` of every class, at random: ``(rest, held_out)``, disjoint, each in row order.
+
+        Class-stratified: each class keeps its share in both parts. A class of ``n`` samples gives
+        ``round(fraction * n)`` of them to the held-out part, at least one and at most ``n - 1`` (a class with
+        one sample stays whole in the rest).
+        """
+        labels = self.labels.index_select(0, self.rows)
+        perm = torch.randperm(len(self), generator=generator)
+        grouped = perm[torch.sort(labels[perm], stable=True).indices]  # by class, random within each class
+        cls = labels[grouped]
+        counts = torch.bincount(cls)
+        take = (counts.double() * fraction).round().long().clamp(min=1).minimum(counts - 1).clamp(min=0)
+        rank = torch.arange(len(grouped)) - (counts.cumsum(0) - counts)[cls]  # position within the class
+        held = rank < take[cls]
+        part = [grouped[~held].sort().values, grouped[held].sort().values]
+        rest, out = (replace(self, rows=self.rows[i], tasks=self.tasks[i]) for i in part)
+        return rest, out
+
     @staticmethod
     def concat(parts: list[TaskData]) -> TaskData:
         """All samples of ``parts``; they must share their base tensors (as the tasks of one stream do)."""

@@ -6,9 +6,15 @@
 * backward transfer (BWT, Lopez-Paz & Ranzato, 2017): ``1/(T-1) sum_{j<T-1} (R[T-1, j] - R[j, j])``;
   negative when learning later tasks hurts earlier ones;
 * forgetting (Chaudhry et al., 2018): ``1/(T-1) sum_{j<T-1} max_{l<T-1} (R[l, j]) - R[T-1, j]``, the drop
-  from each task's best accuracy before the end.
+  from each task's best accuracy before the end;
+* forward transfer (FWT, Lopez-Paz & Ranzato, 2017): ``1/(T-1) sum_{j>0} (R[j-1, j] - b[j])``, how much
+  better than the untrained network ``b`` (its accuracy on task j before any training) the network does on
+  each task just before training it;
+* learning accuracy (LA, Riemer et al., 2019): ``1/T sum_j R[j, j]``, how well each task is learnt when it
+  is learnt (plasticity, beside BWT's stability).
 
-BWT and forgetting need two tasks or more; with one they are ``None``.
+BWT, forgetting and FWT need two tasks or more; with one they are ``None``. A partial matrix (the first
+``k`` rows of a stream stopped early) counts the ``k`` tasks trained.
 """
 
 from __future__ import annotations
@@ -51,9 +57,31 @@ def forgetting(accuracy: Matrix) -> float | None:
     return (best - r[-1, : t - 1]).mean().item()
 
 
-def summarize(accuracy: Matrix) -> dict[str, float | None]:
+def forward_transfer(accuracy: Matrix, initial: Sequence[float] | torch.Tensor) -> float | None:
+    """Mean gain on each task, just before training it, over the untrained network's accuracy ``initial``."""
+    r = _as_matrix(accuracy)
+    b = torch.as_tensor(initial, dtype=torch.float64)
+    t = r.shape[0]
+    if b.shape != (r.shape[1],):
+        raise ValueError(f"initial accuracy needs one value per task ({r.shape[1]}), got shape {tuple(b.shape)}")
+    if t < 2 or b.isnan().any():
+        return None
+    before = torch.stack([r[j - 1, j] for j in range(1, t)])
+    return (before - b[1:t]).mean().item()
+
+
+def learning_accuracy(accuracy: Matrix) -> float:
+    """Mean accuracy on each task right after training it (the diagonal)."""
+    r = _as_matrix(accuracy)
+    return r.diagonal()[: r.shape[0]].mean().item()
+
+
+def summarize(accuracy: Matrix, initial: Sequence[float] | torch.Tensor | None = None) -> dict[str, float | None]:
+    """ACC, BWT, forgetting, learning accuracy and, given the untrained network's accuracies, FWT."""
     return {
         "avg_accuracy": average_accuracy(accuracy),
         "bwt": backward_transfer(accuracy),
         "forgetting": forgetting(accuracy),
+        "fwt": forward_transfer(accuracy, initial) if initial is not None else None,
+        "learning_accuracy": learning_accuracy(accuracy),
     }

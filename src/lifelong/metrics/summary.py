@@ -2,6 +2,12 @@
 
 python scripts/summarize.py multirun/2026-11-22_10-00-00            # Markdown table + summary.csv
 python scripts/summarize.py outputs --plot                         # and a bar chart, summary.png
+python scripts/summarize.py multirun/lambda_sweep --select          # per method, the setting with the best
+                                                                   # validation accuracy, and its test accuracy
+
+Runs are grouped by stream (dataset, scenario, number of tasks), method and hyperparameter setting: the
+config keys whose values differ between runs of the same stream and method, except the seed and keys that
+do not change what is learnt (paths, logging, hardware). A row is one setting, averaged over its seeds.
 """
 
 from __future__ import annotations
@@ -20,21 +26,45 @@ from typing import Any
 
 from matplotlib.figure import Figure
 
-METRICS = ("avg_accuracy", "bwt", "forgetting")
-LABELS = {"avg_accuracy": "ACC", "bwt": "BWT", "forgetting": "forgetting"}
+METRICS = ("avg_accuracy", "bwt", "forgetting", "fwt", "learning_accuracy")
+LABELS = {"avg_accuracy": "ACC", "bwt": "BWT", "forgetting": "forgetting", "fwt": "FWT", "learning_accuracy": "LA"}
+SELECT_ON = "val_avg_accuracy"
+# config keys that are not hyperparameters: the seed (and what interpolates it), where data and outputs live,
+# how runs are logged and on what hardware they run; a key under a prefix here is never a hyperparameter
+NOT_HYPERPARAMETERS = (
+    "seed",
+    "dataset.seed",
+    "dataset.root",
+    "dataset.download",
+    "dataset.eval_batch_size",
+    "ckpt_path",
+    "resume",
+    "trainer.",
+    "logger.",
+)
 
 
 @dataclass
 class Group:
-    """The runs of one method on one stream (dataset, scenario, number of tasks), over seeds."""
+    """The runs of one method and hyperparameter setting on one stream (dataset, scenario, tasks), over seeds."""
 
     dataset: str
     scenario: str
     num_tasks: int
     method: str
+    setting: tuple[tuple[str, str], ...] = ()  # (key, value) of each hyperparameter that varies in the sweep
     values: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))
     seeds: list[Any] = field(default_factory=list)
     folders: list[Path] = field(default_factory=list)
+
+    @property
+    def stream(self) -> tuple[str, str, int, str]:
+        return self.dataset, self.scenario, self.num_tasks, self.method
+
+    @property
+    def label(self) -> str:
+        """The method and its setting, e.g. ``ewc (method.ewc_lambda=100)``."""
+        return self.method + (f" ({', '.join(f'{k}={v}' for k, v in self.setting)})" if self.setting else "")
 
     def mean(self, key: str) -> float:
         v = self.values[key]
@@ -50,9 +80,23 @@ def _method_order(method: str) -> tuple[int, str]:
     return ({"finetune": 0, "joint": 2}.get(method, 1), method)
 
 
+def _flat(config: Any, prefix: str = "") -> dict[str, str]:
+    """A nested config as ``{"method.ewc_lambda": "100", ...}`` (values as their JSON text)."""
+    if isinstance(config, dict):
+        out: dict[str, str] = {}
+        for k, v in config.items():
+            out.update(_flat(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: json.dumps(config)}
+
+
+def _is_hyperparameter(key: str) -> bool:
+    return not any(key == k or (k.endswith(".") and key.startswith(k)) for k in NOT_HYPERPARAMETERS)
+
+
 def collect(root: Path) -> tuple[list[Group], list[str]]:
     """Every finished run below ``root``, grouped; also a note for each run left out (and why)."""
-    groups: dict[tuple[str, str, int, str], Group] = {}
+    runs: dict[tuple[str, str, int, str], list[tuple[Path, dict[str, Any], dict[str, str]]]] = defaultdict(list)
     skipped: list[str] = []
     for path in sorted(root.rglob("metrics.json")):
         try:
@@ -65,14 +109,56 @@ def collect(root: Path) -> tuple[list[Group], list[str]]:
             continue
         scenario = m.get("scenario") or m.get("stream", {}).get("scenario") or "-"
         key = (str(m.get("dataset")), str(scenario), int(m["num_tasks"]), str(m.get("method")))
-        group = groups.setdefault(key, Group(*key))
-        for k in METRICS:
-            if m.get(k) is not None:
-                group.values[k].append(float(m[k]))
-        group.seeds.append(m.get("seed"))
-        group.folders.append(path.parent)
-    ordered = sorted(groups.values(), key=lambda g: (g.dataset, g.scenario, g.num_tasks, _method_order(g.method)))
+        runs[key].append((path.parent, m, _flat(m.get("config") or {})))
+    groups: dict[tuple[Any, ...], Group] = {}
+    for key, members in runs.items():
+        keys = sorted({k for _, _, c in members for k in c})
+        varying = [k for k in keys if _is_hyperparameter(k) and len({c.get(k) for _, _, c in members}) > 1]
+        for folder, m, config in members:
+            setting = tuple((k, config.get(k, "-")) for k in varying)
+            group = groups.setdefault((*key, setting), Group(*key, setting=setting))
+            for k in (*METRICS, SELECT_ON):
+                if m.get(k) is not None:
+                    group.values[k].append(float(m[k]))
+            group.seeds.append(m.get("seed"))
+            group.folders.append(folder)
+    ordered = sorted(
+        groups.values(), key=lambda g: (g.dataset, g.scenario, g.num_tasks, _method_order(g.method), g.setting)
+    )
     return ordered, skipped
+
+
+@dataclass
+class Selection:
+    """For one method on one stream: the setting with the best mean validation accuracy, among ``candidates``."""
+
+    best: Group
+    candidates: list[Group]
+
+
+def select(groups: Sequence[Group]) -> tuple[list[Selection], list[str]]:
+    """Per stream and method, the hyperparameter setting with the best mean validation average accuracy.
+
+    Test accuracy plays no part in the choice. A method whose runs lack validation accuracy (run with
+    ``dataset.val_fraction=0``) is left out with a note, never selected on test.
+    """
+    by_stream: dict[tuple[str, str, int, str], list[Group]] = defaultdict(list)
+    for g in groups:
+        by_stream[g.stream].append(g)
+    chosen: list[Selection] = []
+    notes: list[str] = []
+    for stream, candidates in by_stream.items():
+        missing = [g for g in candidates if len(g.values[SELECT_ON]) < len(g.seeds)]
+        if missing:
+            runs = sum(len(g.seeds) - len(g.values[SELECT_ON]) for g in missing)
+            notes.append(
+                f"{' / '.join(map(str, stream))}: {runs} run(s) without validation accuracy (trained with "
+                "dataset.val_fraction=0), so nothing is selected; rerun the sweep with dataset.val_fraction=0.1"
+            )
+            continue
+        best = max(candidates, key=lambda g: g.mean(SELECT_ON))  # the first of equals, in the table's order
+        chosen.append(Selection(best, candidates))
+    return chosen, notes
 
 
 def _pct(mean: float, std: float, runs: int) -> str:
@@ -81,27 +167,46 @@ def _pct(mean: float, std: float, runs: int) -> str:
     return f"{100 * mean:.2f} ± {100 * std:.2f}" if runs > 1 else f"{100 * mean:.2f}"
 
 
+def _method_cell(g: Group) -> str:
+    return f"`{g.method}`" + (f" {', '.join(f'{k}={v}' for k, v in g.setting)}" if g.setting else "")
+
+
 def markdown(groups: Sequence[Group]) -> str:
-    """The table: one row per method and stream; percentages, mean ± std over the runs (seeds)."""
+    """The table: one row per stream, method and setting; percentages, mean ± std over the runs (seeds)."""
     head = ["dataset", "scenario", "tasks", "method", "runs", *(f"{LABELS[k]} (%)" for k in METRICS)]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for g in groups:
         runs = len(g.seeds)
-        cells = [g.dataset, g.scenario, str(g.num_tasks), f"`{g.method}`", str(runs)]
+        cells = [g.dataset, g.scenario, str(g.num_tasks), _method_cell(g), str(runs)]
         cells += [_pct(g.mean(k), g.std(k), runs) for k in METRICS]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
+def selection_markdown(chosen: Sequence[Selection]) -> str:
+    """The table a paper reports: each method at its validation-selected setting, with that setting's test results."""
+    head = ["dataset", "scenario", "tasks", "method (selected setting)", "settings", "runs", "val ACC (%)"]
+    head += ["test ACC (%)", "BWT (%)", "forgetting (%)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for c in chosen:
+        g, runs = c.best, len(c.best.seeds)
+        cells = [g.dataset, g.scenario, str(g.num_tasks), _method_cell(g), str(len(c.candidates)), str(runs)]
+        cells += [_pct(g.mean(k), g.std(k), runs) for k in (SELECT_ON, "avg_accuracy", "bwt", "forgetting")]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def write_csv(groups: Sequence[Group], path: Path) -> None:
+    keys = (*METRICS, SELECT_ON)
     with open(path, "w", newline="") as f:
         writer = csv.writer(f)
-        stats = [f"{k}_{s}" for k in METRICS for s in ("mean", "std")]
-        writer.writerow(["dataset", "scenario", "num_tasks", "method", "runs", *stats, "seeds"])
+        stats = [f"{k}_{s}" for k in keys for s in ("mean", "std")]
+        writer.writerow(["dataset", "scenario", "num_tasks", "method", "setting", "runs", *stats, "seeds"])
         for g in groups:
-            stats = [f"{v:.6f}" for k in METRICS for v in (g.mean(k), g.std(k))]
+            stats = [f"{v:.6f}" for k in keys for v in (g.mean(k), g.std(k))]
             seeds = " ".join(str(s) for s in g.seeds)
-            writer.writerow([g.dataset, g.scenario, g.num_tasks, g.method, len(g.seeds), *stats, seeds])
+            setting = " ".join(f"{k}={v}" for k, v in g.setting)
+            writer.writerow([g.dataset, g.scenario, g.num_tasks, g.method, setting, len(g.seeds), *stats, seeds])
 
 
 def bar_chart(groups: Sequence[Group], title: str = "") -> Figure:
@@ -116,7 +221,7 @@ def bar_chart(groups: Sequence[Group], title: str = "") -> Figure:
         means = [100 * g.mean("avg_accuracy") for g in gs]
         stds = [100 * g.std("avg_accuracy") for g in gs]
         ax.bar(range(len(gs)), means, yerr=stds, capsize=4, color="tab:blue", alpha=0.8)
-        ax.set_xticks(range(len(gs)), [g.method for g in gs], rotation=30, ha="right")
+        ax.set_xticks(range(len(gs)), [g.label for g in gs], rotation=30, ha="right")
         ax.set_ylabel("average accuracy (%)")
         ax.set_ylim(0, 100)
         ax.set_title(f"{dataset}, {scenario} scenario, {tasks} tasks (mean ± std over seeds)", fontsize=9)
@@ -133,6 +238,12 @@ def main(argv: Iterable[str] | None = None) -> int:
     parser.add_argument("folder", type=Path, help="a sweep or outputs folder; every metrics.json below it is read")
     parser.add_argument("--csv", type=Path, help="where to write the table as CSV (default FOLDER/summary.csv)")
     parser.add_argument("--plot", action="store_true", help="also save a bar chart (FOLDER/summary.png)")
+    parser.add_argument(
+        "--select",
+        action="store_true",
+        help="per stream and method, the setting with the best mean validation accuracy and its test results "
+        "(FOLDER/selection.csv); needs runs with dataset.val_fraction > 0",
+    )
     args = parser.parse_args(list(argv) if argv is not None else None)
     if not args.folder.is_dir():
         print(f"error: {args.folder} is not a folder", file=sys.stderr)
@@ -143,6 +254,8 @@ def main(argv: Iterable[str] | None = None) -> int:
     if not groups:
         print(f"error: no finished run (metrics.json) below {args.folder}", file=sys.stderr)
         return 2
+    if args.select:
+        return _print_selection(groups, args.folder, args.csv)
     print(markdown(groups))
     out = args.csv or args.folder / "summary.csv"
     write_csv(groups, out)
@@ -151,6 +264,25 @@ def main(argv: Iterable[str] | None = None) -> int:
         png = args.folder / "summary.png"
         bar_chart(groups).savefig(png)
         print(f"bar chart written to {png}")
+    return 0
+
+
+def _print_selection(groups: Sequence[Group], folder: Path, csv_path: Path | None) -> int:
+    chosen, notes = select(groups)
+    for note in notes:
+        print(f"not selected: {note}", file=sys.stderr)
+    if not chosen:
+        print("error: no method with validation accuracy to select on", file=sys.stderr)
+        return 2
+    keys = sorted({k for c in chosen for g in c.candidates for k, _ in g.setting})
+    print(selection_markdown(chosen))
+    print(
+        f"\nselected on mean validation average accuracy ({SELECT_ON}) over seeds; test accuracy took no part. "
+        f"Hyperparameters (config keys that vary between runs of a method): {', '.join(keys) or 'none'}"
+    )
+    out = csv_path or folder / "selection.csv"
+    write_csv([c.best for c in chosen], out)
+    print(f"table written to {out}")
     return 0
 
 

@@ -35,9 +35,13 @@ class ContinualClassifier(L.LightningModule):
       ``forward(x, task)``, and need not know the scenario.
     * Training: cross-entropy plus the penalty of every :class:`~lifelong.methods.ContinualMethod` among the
       trainer's callbacks (logged as ``train/loss`` and ``train/<method>_penalty``).
-    * Evaluation: at the end of each task, the accuracy on every task's test set (one validation loader per
-      task) fills row ``task`` of :attr:`accuracy_matrix`, a buffer, so checkpoints carry it. Logged as
-      ``val/acc/task_<j>`` (1-based) and ``val/avg_acc_seen``.
+    * Evaluation: at the end of each task, Lightning's validation loop measures every task's test set and,
+      with ``validation``, every task's validation set (the stream's loaders: validation sets first). They
+      fill row ``task`` of :attr:`accuracy_matrix` (test) and :attr:`val_accuracy_matrix`, buffers, so
+      checkpoints carry them. Logged as ``test/acc/task_<j>`` (1-based) and ``test/avg_acc_seen``, and as
+      ``val/...`` for validation, which the progress bar shows when there is some. Before the first task,
+      the untrained network is measured once the same way (:attr:`initial_accuracy`,
+      :attr:`val_initial_accuracy`): the reference of forward transfer.
 
     Args:
         net: the classifier, ``net(x) -> (B, num_classes)`` logits.
@@ -49,10 +53,15 @@ class ContinualClassifier(L.LightningModule):
             task using all outputs.
         reset_optimizer: clear the optimizer's state (e.g. Adam's moments) at the start of each task, as in
             Hsu et al. (2018), so a task does not start with momentum from the previous one.
+        validation: the stream's evaluation loaders include each task's validation set, before the test sets
+            (``TaskStream.has_validation``).
     """
 
     takes_task = True  # forward(x, task); see lifelong.methods.fisher.call_model
     accuracy_matrix: Tensor
+    val_accuracy_matrix: Tensor
+    initial_accuracy: Tensor
+    val_initial_accuracy: Tensor
     task_mask: Tensor
 
     def __init__(
@@ -64,6 +73,7 @@ class ContinualClassifier(L.LightningModule):
         reset_optimizer: bool = True,
         scenario: str = "domain",
         task_classes: Sequence[Sequence[int]] | None = None,
+        validation: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["net", "optimizer"])
@@ -87,10 +97,13 @@ class ContinualClassifier(L.LightningModule):
         self.register_buffer("task_mask", mask, persistent=False)  # (T, C): each task's head
         # how many outputs the classes of tasks 0..t span (outputs are in task order): the class scenario's head
         self.seen_outputs = [max(max(c) for c in classes[: t + 1]) + 1 for t in range(num_tasks)]
-        self.val_acc: list[MulticlassAccuracy] = nn.ModuleList(  # type: ignore[assignment]
-            MulticlassAccuracy(num_classes, average="micro") for _ in range(num_tasks)
+        self.validation = validation
+        # one accuracy per evaluation loader: [validation sets,] test sets
+        self.eval_acc: list[MulticlassAccuracy] = nn.ModuleList(  # type: ignore[assignment]
+            MulticlassAccuracy(num_classes, average="micro") for _ in range(num_tasks * (2 if validation else 1))
         )
-        self.register_buffer("accuracy_matrix", torch.full((num_tasks, num_tasks), float("nan")))
+        for name, shape in RESULT_BUFFERS.items():  # NaN until measured
+            self.register_buffer(name, torch.full(shape(num_tasks), float("nan")))
         self._methods: list[ContinualMethod] = []
 
     @classmethod
@@ -103,6 +116,7 @@ class ContinualClassifier(L.LightningModule):
             num_classes=stream.num_classes,
             scenario=stream.scenario,
             task_classes=stream.task_classes,
+            validation=stream.has_validation,
             **kwargs,
         )
 
@@ -141,6 +155,24 @@ class ContinualClassifier(L.LightningModule):
     def on_fit_start(self) -> None:
         callbacks = self.trainer.callbacks  # type: ignore[attr-defined]
         self._methods = [cb for cb in callbacks if isinstance(cb, ContinualMethod)]
+
+    @override
+    def on_train_start(self) -> None:
+        """A fresh stream (not a resumed one) measures the untrained network first: forward transfer's reference."""
+        if self.trainer.global_step > 0 or not self.initial_accuracy.isnan().all():
+            return
+        dm = stream_of(self.trainer)
+        was_training = self.training
+        self.eval()
+        with torch.no_grad():
+            for i, loader in enumerate(dm.val_dataloader()):
+                for x, y, task in loader:
+                    self.eval_acc[i].update(self(x, task).argmax(-1), y)
+        self.train(was_training)
+        val, test = self._computed_rows()
+        self.initial_accuracy.copy_(test)
+        if val is not None:
+            self.val_initial_accuracy.copy_(val)
 
     @override
     def on_train_epoch_start(self) -> None:
@@ -184,35 +216,72 @@ class ContinualClassifier(L.LightningModule):
     @override
     def validation_step(self, batch: tuple[Tensor, Tensor, Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
         x, y, task = batch
-        self.val_acc[dataloader_idx].update(self(x, task).argmax(-1), y)
+        self.eval_acc[dataloader_idx].update(self(x, task).argmax(-1), y)
+
+    def _computed_rows(self) -> tuple[Tensor | None, Tensor]:
+        """The accuracies gathered since the last call, synced across ranks: (validation row or None, test row)."""
+        row = torch.stack([metric.compute() for metric in self.eval_acc])
+        for metric in self.eval_acc:
+            metric.reset()
+        t = self.num_tasks
+        return (row[:t] if self.validation else None), row[-t:]
 
     @override
     def on_validation_epoch_end(self) -> None:
         dm = stream_of(self.trainer)
         task = dm.task_of_epoch(self.current_epoch)
-        row = torch.stack([metric.compute() for metric in self.val_acc])  # synced across ranks
-        for metric in self.val_acc:
-            metric.reset()
-        self.accuracy_matrix[task] = row.to(self.accuracy_matrix)
+        val, test = self._computed_rows()
+        self.accuracy_matrix[task] = test.to(self.accuracy_matrix)
+        if val is not None:
+            self.val_accuracy_matrix[task] = val.to(self.val_accuracy_matrix)
         # the values are already synced across ranks (torchmetrics); sync_dist only silences Lightning's warning,
         # at the cost of one tiny all-reduce per task
-        for j, acc in enumerate(row):
-            self.log(f"val/acc/task_{j + 1}", acc, sync_dist=True)
-        self.log("val/avg_acc_seen", row[: task + 1].mean(), prog_bar=True, sync_dist=True)
+        for split, row in (("val", val), ("test", test)):
+            if row is not None:
+                for j, acc in enumerate(row):
+                    self.log(f"{split}/acc/task_{j + 1}", acc, sync_dist=True)
+                # the progress bar shows validation when there is some
+                self.log(
+                    f"{split}/avg_acc_seen",
+                    row[: task + 1].mean(),
+                    prog_bar=split == "val" or val is None,
+                    sync_dist=True,
+                )
         self.log("task", float(task + 1), sync_dist=True)
         if self.trainer.is_global_zero and not self.trainer.sanity_checking:
-            seen = row[: task + 1].tolist()
-            each = " ".join(f"{100 * a:.1f}" for a in seen)
-            log.info(
-                f"after task {task + 1}/{dm.num_tasks}: test accuracy {100 * sum(seen) / len(seen):.2f} % "
-                f"on tasks 1-{task + 1} ({each})"
-            )
+            parts = [
+                f"{name} accuracy {_mean_pct(row, task)}"
+                for name, row in (("validation", val), ("test", test))
+                if row is not None
+            ]
+            each = " ".join(f"{100 * a:.1f}" for a in test[: task + 1].tolist())
+            log.info(f"after task {task + 1}/{dm.num_tasks}: {', '.join(parts)} on tasks 1-{task + 1} (test: {each})")
+
+    @override
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """A checkpoint from before the validation split lacks its buffers: they start unmeasured (NaN)."""
+        state = checkpoint.get("state_dict", {})
+        for name, shape in RESULT_BUFFERS.items():
+            state.setdefault(name, torch.full(shape(self.num_tasks), float("nan")))
 
     @override
     def configure_optimizers(self) -> Optimizer:
         return self.optimizer_factory(self.parameters())
 
-    def completed_rows(self) -> Tensor:
-        """The rows of the accuracy matrix filled so far (one per finished task)."""
-        filled = ~self.accuracy_matrix.isnan().all(dim=1)
-        return self.accuracy_matrix[filled]
+    def completed_rows(self, validation: bool = False) -> Tensor:
+        """The rows of the (test, or validation) accuracy matrix filled so far (one per finished task)."""
+        matrix = self.val_accuracy_matrix if validation else self.accuracy_matrix
+        return matrix[~self.accuracy_matrix.isnan().all(dim=1)]
+
+
+# the results a module measures along the stream (buffers, so checkpoints carry them), by their shape for T tasks
+RESULT_BUFFERS: dict[str, Callable[[int], tuple[int, ...]]] = {
+    "accuracy_matrix": lambda t: (t, t),  # test accuracy: row i after task i, column j on task j
+    "val_accuracy_matrix": lambda t: (t, t),  # the same on the validation sets (NaN without them)
+    "initial_accuracy": lambda t: (t,),  # test accuracy of the untrained network (forward transfer's reference)
+    "val_initial_accuracy": lambda t: (t,),
+}
+
+
+def _mean_pct(row: Tensor, task: int) -> str:
+    return f"{100 * row[: task + 1].mean().item():.2f} %"
