@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import statistics
 
 import pytest
 import torch
@@ -149,15 +150,30 @@ def test_resumed_stream_ends_where_the_uninterrupted_one_does(tmp_path, mnist_ro
     assert "Traceback" not in other.stderr
 
 
+# The README's permuted Fashion-MNIST rows (5 tasks x 1 epoch, the defaults, seeds 0-4): mean and std over seeds
+# ACC mean and std, BWT mean and std
+FASHION_README = {"finetune": (0.6528, 0.0341, -0.2474, 0.0411), "ewc": (0.7767, 0.0227, -0.0734, 0.0281)}
+
+
 @pytest.mark.slow
-def test_five_task_fashion_reproduces_the_design_numbers(tmp_path, fashion_available):
-    """DESIGN.md's measured facts (5 tasks x 1 epoch, Adam 1e-3): fine-tuning ~0.69, EWC ~0.81 average accuracy."""
-    results = {}
-    for method in ("finetune", "ewc"):
-        args = [f"method={method}", "dataset=permuted_fashion_mnist", "dataset.num_tasks=5", "logger=none", *QUIET]
-        proc = run_train(args, tmp_path / method)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        results[method] = read_metrics(tmp_path / method)
-    assert results["finetune"]["avg_accuracy"] == pytest.approx(0.69, abs=0.05)
-    assert results["ewc"]["avg_accuracy"] == pytest.approx(0.81, abs=0.04)
-    assert results["ewc"]["bwt"] > -0.08 > -0.15 > results["finetune"]["bwt"]
+def test_five_task_fashion_reproduces_the_readme_rows(tmp_path, fashion_available):
+    """The README's command over its seeds gives its numbers, to within the spread between seeds.
+
+    A run on another machine (other thread counts, another BLAS) follows another trajectory after the first
+    round-off that differs, so it varies about as another seed does: the mean of 5 seeds must fall within
+    2 standard errors (2 std / sqrt(5)) of the README's, plus half a point for the README's rounding.
+    """
+    runs: dict[str, list[dict]] = {"finetune": [], "ewc": []}
+    for method in runs:
+        for seed in range(5):
+            args = [f"method={method}", "dataset=permuted_fashion_mnist", "dataset.num_tasks=5", f"seed={seed}"]
+            proc = run_train([*args, "logger=none", *QUIET], tmp_path / f"{method}_{seed}")
+            assert proc.returncode == 0, proc.stderr[-3000:]
+            runs[method].append(read_metrics(tmp_path / f"{method}_{seed}"))
+    for method, metrics in runs.items():
+        acc, acc_std, bwt, bwt_std = FASHION_README[method]
+        for key, mean, std in (("avg_accuracy", acc, acc_std), ("bwt", bwt, bwt_std)):
+            got = [m[key] for m in metrics]
+            assert statistics.fmean(got) == pytest.approx(mean, abs=2 * std / 5**0.5 + 0.005), (method, key, got)
+    ewc, ft = (statistics.fmean(m["bwt"] for m in runs[k]) for k in ("ewc", "finetune"))
+    assert ewc > ft + 0.10  # EWC forgets far less than fine-tuning on this stream
