@@ -28,7 +28,7 @@ def test_ddp_fisher_equals_the_single_process_fisher(tmp_path, mnist_root):
     assert proc.returncode == 0, proc.stderr[-3000:]
     metrics = read_metrics(tmp_path / "run")
     assert len(metrics["accuracy_matrix"]) == 2
-    assert metrics["accuracy_matrix"][0][0] > 0.7
+    assert metrics["accuracy_matrix"][0][0] > 0.6  # 1 epoch on 1,801 images (200 held out for validation)
 
     # The first consolidation's importance is task 1's Fisher, estimated by two ranks on halves of the data
     ckpt = load_checkpoint(tmp_path / "run" / "checkpoints" / "task_1.ckpt")
@@ -42,7 +42,7 @@ def test_ddp_fisher_equals_the_single_process_fisher(tmp_path, mnist_root):
     module = ContinualClassifier(MLP(dm.input_shape, 10), functools.partial(torch.optim.Adam), 2, 10)
     module.load_state_dict(ckpt["state_dict"])
     single = fisher_sums(module, dm.loader(dm.train_data(0), train=False), "empirical")
-    assert single.count == 2001
+    assert single.count == 1801  # 2,001 less the 10 % held out (200: 20 of each digit)
     for name, f in single.mean().items():
         err = ((ewc["importance"][name] - f).norm() / f.norm()).item()
         assert err < 1e-6, (name, err)
@@ -61,6 +61,7 @@ def test_ddp_mas_importance_and_replay_memory_match_one_process(tmp_path, mnist_
         f"dataset.root={mnist_root}",
         "dataset.max_train_samples=1001",
         "dataset.max_test_samples=200",
+        "dataset.val_fraction=0",  # the recomputation below uses the whole training set
         "logger=none",
         "trainer.enable_progress_bar=false",
     ]
