@@ -130,3 +130,33 @@ def test_ddp_dwa_fisher_and_anchor_match_one_process(tmp_path, mnist_root):
     with torch.no_grad():
         anchor = dwa._mean_embedding(single, module, dm, dwa._anchor_data(dm, 0, 0))
     torch.testing.assert_close(state["task_anchors"][0], anchor, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("method", ["derpp", "agem"])
+def test_ddp_replay_family_keeps_ranks_in_step(tmp_path, mnist_root, method):
+    """DER++'s memory takes every rank's samples (gathered, so it is the same on every rank); A-GEM's ranks
+    project the same all-reduced gradients, so their weights stay equal (A-GEM checks it every epoch)."""
+    args = [
+        f"method={method}",
+        "method.buffer_size=300",
+        "dataset=split_mnist",
+        "dataset.num_tasks=2",
+        f"dataset.root={mnist_root}",
+        "dataset.max_train_samples=1001",
+        "dataset.max_test_samples=200",
+        "dataset.val_fraction=0",
+        "logger=none",
+        "trainer.enable_progress_bar=false",
+        "trainer=ddp_cpu",
+    ]
+    proc = run_train(args, tmp_path / "ddp")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert read_metrics(tmp_path / "ddp")["accuracy_matrix"][1][1] > 0.8
+    ckpt = load_checkpoint(tmp_path / "ddp" / "checkpoints" / "task_1.ckpt")
+    (state,) = [v for k, v in ckpt["callbacks"].items() if k.startswith(("AGEM", "DarkExperienceReplay"))]
+    buffer = state["buffer"]
+    if method == "derpp":  # rank 0 offered both ranks' halves of the task (1,001 padded to 1,002); 2 tasks x 2 outputs
+        assert buffer["seen"] == 1002 and len(buffer["rows"]) == 300 and buffer["logits"].shape == (300, 4)
+    else:
+        assert len(buffer["rows"]) == 150  # 300 // 2 tasks, drawn from task 1

@@ -314,7 +314,9 @@ def test_class_scenario_replay_is_far_above_the_rest(split_fashion_runs):
 
 # ---- state and resumption -------------------------------------------------------------------------------
 @pytest.mark.integration
-@pytest.mark.parametrize("method", ["si", "mas", "lwf", "er", "hat", "ewc+reservoir"])
+@pytest.mark.parametrize(
+    "method", ["si", "mas", "lwf", "er", "hat", "ewc+reservoir", "der", "derpp", "agem", "icarl", "icarl+reservoir"]
+)
 def test_methods_resume_to_the_same_result(mnist_root, tmp_path, method):
     """Stop after task 1 of 3, resume from its checkpoint: the same matrix as the uninterrupted run."""
     name, _, replay = method.partition("+")

@@ -1,11 +1,14 @@
 """Continual-learning methods, each a Lightning Callback."""
 
+from lifelong.methods.agem import AGEM
 from lifelong.methods.base import ContinualMethod
+from lifelong.methods.der import DarkExperienceReplay
 from lifelong.methods.dwa import DWA, DWANet
 from lifelong.methods.ewc import EWC
 from lifelong.methods.finetune import Finetune
 from lifelong.methods.fisher import FisherSums, fisher_sums, per_sample_loop_fisher
 from lifelong.methods.hat import HAT, HATNet
+from lifelong.methods.icarl import ICaRL
 from lifelong.methods.joint import Joint
 from lifelong.methods.l2 import L2
 from lifelong.methods.lwf import LwF
@@ -15,6 +18,7 @@ from lifelong.methods.replay import ExperienceReplay, ReplayBuffer
 from lifelong.methods.si import SI
 
 __all__ = [
+    "AGEM",
     "DWA",
     "EWC",
     "HAT",
@@ -23,10 +27,12 @@ __all__ = [
     "SI",
     "ContinualMethod",
     "DWANet",
+    "DarkExperienceReplay",
     "ExperienceReplay",
     "Finetune",
     "FisherSums",
     "HATNet",
+    "ICaRL",
     "Joint",
     "LwF",
     "QuadraticRegularizer",

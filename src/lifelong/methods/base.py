@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from typing import TypeVar
 
 import lightning as L
@@ -49,6 +50,26 @@ class ContinualMethod(Callback):
             outputs: the network's raw outputs on ``x``, every head's (before the scenario's masking).
         """
         return None
+
+    def classification_loss(self, pl_module: L.LightningModule, batch: Batch, outputs: Tensor) -> Tensor | None:
+        """The training loss in place of the cross-entropy (iCaRL's sigmoid loss), or ``None`` to keep it.
+
+        At most one method of a run may replace it; arguments as in :meth:`penalty`.
+        """
+        return None
+
+    def scores(self, pl_module: L.LightningModule, x: Tensor, task: Tensor) -> Tensor | None:
+        """Class scores that evaluation should rank in place of the network's logits (iCaRL's nearest mean of
+        exemplars), through the scenario's heads, or ``None`` to use the logits."""
+        return None
+
+
+def frozen_copy(net: nn.Module) -> nn.Module:
+    """A copy of ``net`` in eval mode, without gradients: the old network that distillation compares with."""
+    old = copy.deepcopy(net).eval()
+    for p in old.parameters():
+        p.requires_grad_(False)
+    return old
 
 
 # ---- for methods that wrap the network (HAT, DWA) ---------------------------------------------------------

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 from typing import TYPE_CHECKING, Any, cast
 
 import lightning as L
@@ -13,7 +12,8 @@ from typing_extensions import override
 
 from lifelong.data.streams import stream_of
 from lifelong.data.tensors import Batch
-from lifelong.methods.base import ContinualMethod
+from lifelong.methods.base import ContinualMethod, frozen_copy
+from lifelong.methods.fisher import call_model
 
 if TYPE_CHECKING:
     from lifelong.models.module import ContinualClassifier
@@ -64,16 +64,10 @@ class LwF(ContinualMethod):
         self._old_state: dict[str, Tensor] | None = None  # restored from a checkpoint, loaded at fit start
         self._heads: list[slice] = []  # the output ranges distilled, fixed while one old network is in use
 
-    def _freeze(self, net: nn.Module) -> nn.Module:
-        old = copy.deepcopy(net).eval()
-        for p in old.parameters():
-            p.requires_grad_(False)
-        return old
-
     @override
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._old_state is not None:
-            self._old = self._freeze(pl_module.net)  # type: ignore[arg-type]
+            self._old = frozen_copy(pl_module.net)  # type: ignore[arg-type]
             self._old.load_state_dict(self._old_state)
             self._old_state = None
             self._heads = self._old_heads(cast("ContinualClassifier", pl_module))
@@ -88,7 +82,7 @@ class LwF(ContinualMethod):
 
     def snapshot(self, module: ContinualClassifier, tasks: int) -> None:
         """Keep a frozen copy of ``module``'s network as the old network, which has learnt ``tasks`` tasks."""
-        self._old = self._freeze(module.net)
+        self._old = frozen_copy(module.net)
         self.old_tasks = tasks
         self._heads = self._old_heads(module)
 
@@ -98,7 +92,7 @@ class LwF(ContinualMethod):
             return None
         x, _, task = batch
         with torch.no_grad():
-            old = self._old(x, task) if getattr(self._old, "takes_task", False) else self._old(x)
+            old = call_model(self._old, x, task)
         loss = sum(distillation(outputs[:, h], old[:, h], self.temperature) for h in self._heads)
         return self.lwf_alpha * loss  # type: ignore[return-value]
 

@@ -20,12 +20,21 @@ POLICIES = ("reservoir", "class_balanced")
 class ReplayBuffer:
     """A fixed-size memory of samples, held as identities: rows of the stream's training images and tasks.
 
-    Policies:
+    Each stored sample is its ``rows`` (a row of the stream's base images), ``tasks`` and class key
+    ``classes`` (a task's label: permuted tasks' "3"s are separate classes), plus any per-sample values a
+    method stores with it (e.g. DER's logits), all as tensors on the buffer's device. A memory of thousands of
+    samples is a few hundred kilobytes, so checkpoints carry it at no noticeable cost.
+
+    Policies (how :meth:`add` keeps samples):
 
     * ``reservoir`` (Vitter's algorithm R): after ``n`` samples have been offered, every one of them is in
-      the buffer with probability ``size / n``, whatever the task it came from;
-    * ``class_balanced``: the buffer is split equally between the classes seen so far (a class is a task's
-      label: permuted tasks' "3"s are separate classes), each holding a uniform random subset of its samples.
+      the buffer with probability ``size / n``, whatever the task it came from. Vectorised, and without a
+      host synchronisation, so it can take every training batch on a GPU;
+    * ``class_balanced``: the buffer is split equally between the classes seen so far, each holding a
+      uniform random subset of its samples.
+
+    :meth:`append` instead adds samples as they are while there is room (a per-task quota, as GEM and A-GEM
+    fill their memory).
 
     Args:
         size: the number of samples held.
@@ -39,70 +48,110 @@ class ReplayBuffer:
             raise ValueError(f"the replay policy must be one of {list(POLICIES)}, got {policy!r}")
         self.size = int(size)
         self.policy = policy
-        self.rows = torch.zeros(0, dtype=torch.long)
-        self.tasks = torch.zeros(0, dtype=torch.long)
-        self.classes = torch.zeros(0, dtype=torch.long)
+        self.device = torch.device("cpu")
+        empty = torch.zeros(0, dtype=torch.long)
+        self.fields: dict[str, Tensor] = {"rows": empty, "tasks": empty, "classes": empty}
         self.seen = 0  # samples offered so far
 
+    @property
+    def rows(self) -> Tensor:
+        return self.fields["rows"]
+
+    @property
+    def tasks(self) -> Tensor:
+        return self.fields["tasks"]
+
+    @property
+    def classes(self) -> Tensor:
+        return self.fields["classes"]
+
     def __len__(self) -> int:
-        return int(self.rows.numel())
+        return int(self.fields["rows"].shape[0])
 
-    def add(self, rows: Tensor, tasks: Tensor, classes: Tensor, generator: torch.Generator) -> None:
-        """Offer samples, in the given order (``rows``, ``tasks`` and class keys ``classes``, each ``(n,)``)."""
-        rows, tasks, classes = rows.cpu(), tasks.cpu(), classes.cpu()
+    def _incoming(self, rows: Tensor, tasks: Tensor, classes: Tensor, values: dict[str, Tensor]) -> dict[str, Tensor]:
+        new = {"rows": rows, "tasks": tasks, "classes": classes, **values}
+        if set(new) != set(self.fields) and len(self) > 0:
+            raise ValueError(f"the buffer stores {sorted(self.fields)}, got {sorted(new)}")
+        return {k: v.to(self.device) for k, v in new.items()}
+
+    def add(self, rows: Tensor, tasks: Tensor, classes: Tensor, generator: torch.Generator, **values: Tensor) -> None:
+        """Offer samples, in the given order: ``rows``, ``tasks`` and class keys ``classes`` (each ``(n,)``),
+        and per-sample ``values`` stored with them (each ``(n, ...)``). ``generator`` draws the choices."""
+        new = self._incoming(rows, tasks, classes, values)
         if self.policy == "reservoir":
-            self._reservoir(rows, tasks, classes, generator)
+            self._reservoir(new, generator)
         else:
-            self._balanced(rows, tasks, classes, generator)
-        self.seen += int(rows.numel())
+            self._balanced(new, generator)
+        self.seen += int(rows.shape[0])
 
-    def _reservoir(self, rows: Tensor, tasks: Tensor, classes: Tensor, generator: torch.Generator) -> None:
-        n = rows.numel()
-        index = self.seen + torch.arange(n)  # each sample's position in the stream of offered samples
-        drawn = (torch.rand(n, generator=generator, dtype=torch.float64) * (index + 1)).long()  # in [0, index]
-        slot = torch.where(index < self.size, index, drawn)
-        keep = slot < self.size
-        slot, k = slot[keep], torch.arange(n)[keep]
+    def append(self, rows: Tensor, tasks: Tensor, classes: Tensor, **values: Tensor) -> None:
+        """Keep the given samples as they are, as many as there is room for (no sample is replaced)."""
+        new = self._incoming(rows, tasks, classes, values)
+        room = self.size - len(self)
+        for name, value in new.items():
+            old = self.fields.get(name, value[:0])
+            self.fields[name] = torch.cat([old, value[:room]])
+        self.seen += int(rows.shape[0])
+
+    def _reservoir(self, new: dict[str, Tensor], generator: torch.Generator) -> None:
+        n = new["rows"].shape[0]
+        if n == 0:
+            return
+        device = self.device
+        index = self.seen + torch.arange(n, device=device)  # each sample's position in the stream of offered ones
+        u = torch.rand(n, generator=generator, device=generator.device, dtype=torch.float64).to(device)
+        drawn = (u * (index + 1)).long()  # in [0, index]
+        slot = torch.where(index < self.size, index, drawn).clamp(max=self.size)  # slot `size`: not kept
         # samples are offered one after another: where several land in one slot, the last one stays
-        last = torch.full((self.size,), -1, dtype=torch.long).scatter_reduce(0, slot, k, reduce="amax")
+        last = torch.full((self.size + 1,), -1, dtype=torch.long, device=device)
+        last = last.scatter_reduce(0, slot, torch.arange(n, device=device), reduce="amax")
         filled = min(self.size, self.seen + n)
-        grow = torch.zeros(filled - len(self), dtype=torch.long)
         source = last[:filled]
         written = source >= 0
-        for name, new in (("rows", rows), ("tasks", tasks), ("classes", classes)):
-            buf = torch.cat([getattr(self, name), grow])
-            buf[written] = new[source[written]]
-            setattr(self, name, buf)
+        for name, value in new.items():
+            old = self.fields.get(name, value[:0])
+            grown = torch.cat([old, value.new_zeros((filled - old.shape[0], *value.shape[1:]))])
+            keep = written.view(-1, *([1] * (value.dim() - 1)))
+            self.fields[name] = torch.where(keep, value[source.clamp(min=0)], grown)
 
-    def _balanced(self, rows: Tensor, tasks: Tensor, classes: Tensor, generator: torch.Generator) -> None:
-        order = torch.randperm(rows.numel(), generator=generator)
-        rows, tasks, classes = rows[order], tasks[order], classes[order]
-        keys = torch.cat([self.classes, classes]).unique().tolist()
+    def _balanced(self, new: dict[str, Tensor], generator: torch.Generator) -> None:
+        # at a task's end only: on the CPU, where the per-class bookkeeping is cheap
+        device = self.device
+        order = torch.randperm(new["rows"].shape[0], generator=generator)
+        new = {k: v.cpu()[order] for k, v in new.items()}
+        old = {k: v.cpu() for k, v in self.fields.items()} if len(self) else {}
+        keys = torch.cat([old.get("classes", new["classes"][:0]), new["classes"]]).unique().tolist()
         quota = {key: self.size // len(keys) + (i < self.size % len(keys)) for i, key in enumerate(keys)}
-        parts = []
+        parts: dict[str, list[Tensor]] = {name: [] for name in new}
         for key in keys:
-            for source in ((self.rows, self.tasks, self.classes), (rows, tasks, classes)):
-                pick = (source[2] == key).nonzero().squeeze(1)[: quota[key]]
+            for source in (old, new):
+                if not source:
+                    continue
+                pick = (source["classes"] == key).nonzero().squeeze(1)[: quota[key]]
                 quota[key] -= pick.numel()
-                parts.append(tuple(t[pick] for t in source))
-        self.rows, self.tasks, self.classes = (torch.cat([p[i] for p in parts]) for i in range(3))
+                for name in parts:
+                    parts[name].append(source[name][pick])
+        self.fields = {name: torch.cat(p).to(device) for name, p in parts.items()}
 
-    def to(self, device: torch.device) -> ReplayBuffer:
-        self.rows, self.tasks, self.classes = (t.to(device) for t in (self.rows, self.tasks, self.classes))
+    def sample(self, n: int, generator: torch.Generator) -> Tensor:
+        """Indices of ``min(n, len(self))`` distinct stored samples, drawn uniformly (on the buffer's device)."""
+        return torch.randperm(len(self), generator=generator, device=generator.device)[:n].to(self.device)
+
+    def to(self, device: torch.device | str) -> ReplayBuffer:
+        self.device = torch.device(device)
+        self.fields = {k: v.to(self.device) for k, v in self.fields.items()}
         return self
 
     def state_dict(self) -> dict[str, Any]:
         return {
-            "rows": self.rows.cpu(),
-            "tasks": self.tasks.cpu(),
-            "classes": self.classes.cpu(),
+            **{k: v.cpu() for k, v in self.fields.items()},
             "seen": self.seen,
             "size": self.size,
             "policy": self.policy,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.rows, self.tasks, self.classes = state["rows"], state["tasks"], state["classes"]
+        self.fields = {k: v.to(self.device) for k, v in state.items() if isinstance(v, Tensor)}
         self.seen = int(state["seen"])
 
 

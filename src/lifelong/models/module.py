@@ -151,10 +151,23 @@ class ContinualClassifier(L.LightningModule):
             return logits[:, : self.seen_outputs[self.current_task]]
         return logits
 
+    def predict(self, x: Tensor, task: Tensor | None = None) -> Tensor:
+        """The class scores evaluation ranks: a method's own (:meth:`ContinualMethod.scores`, e.g. iCaRL's nearest
+        mean of exemplars) where one gives them, else the logits of :meth:`forward`."""
+        for method in self._methods:
+            scores = method.scores(self, x, task)  # type: ignore[arg-type]
+            if scores is not None:
+                return scores
+        return self(x, task)
+
     @override
     def on_fit_start(self) -> None:
         callbacks = self.trainer.callbacks  # type: ignore[attr-defined]
         self._methods = [cb for cb in callbacks if isinstance(cb, ContinualMethod)]
+        base = ContinualMethod.classification_loss
+        replacing = [m.name for m in self._methods if type(m).classification_loss is not base]
+        if len(replacing) > 1:
+            raise ValueError(f"methods {replacing} each replace the classification loss: combine at most one of them")
 
     @override
     def on_train_start(self) -> None:
@@ -167,7 +180,7 @@ class ContinualClassifier(L.LightningModule):
         with torch.no_grad():
             for i, loader in enumerate(dm.val_dataloader()):
                 for x, y, task in loader:
-                    self.eval_acc[i].update(self(x, task).argmax(-1), y)
+                    self.eval_acc[i].update(self.predict(x, task).argmax(-1), y)
         self.train(was_training)
         val, test = self._computed_rows()
         self.initial_accuracy.copy_(test)
@@ -185,9 +198,9 @@ class ContinualClassifier(L.LightningModule):
 
     @override
     def training_step(self, batch: tuple[Tensor, ...], batch_idx: int) -> Tensor:
-        x, y, task = batch[:3]  # a stream may add each sample's row (TaskStream.train_rows)
+        x, task = batch[0], batch[2]  # a stream may add each sample's row (TaskStream.train_rows)
         outputs = self.outputs(x, task)
-        loss = F.cross_entropy(self.heads(outputs, task), y)
+        loss = self._classification_loss(batch, outputs)
         if not torch.isfinite(loss):  # stop before a NaN reaches the weights (and any checkpoint)
             raise self._non_finite(loss, batch_idx)
         log = log_now(self.trainer)
@@ -200,6 +213,13 @@ class ContinualClassifier(L.LightningModule):
                     self.log(f"train/{method.name}_penalty", penalty)
                 loss = loss + penalty
         return loss
+
+    def _classification_loss(self, batch: tuple[Tensor, ...], outputs: Tensor) -> Tensor:
+        for method in self._methods:
+            loss = method.classification_loss(self, batch, outputs)
+            if loss is not None:
+                return loss
+        return F.cross_entropy(self.heads(outputs, batch[2]), batch[1])
 
     def _non_finite(self, loss: Tensor, batch_idx: int) -> NonFiniteLossError:
         dm = stream_of(self.trainer)
@@ -216,7 +236,7 @@ class ContinualClassifier(L.LightningModule):
     @override
     def validation_step(self, batch: tuple[Tensor, Tensor, Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
         x, y, task = batch
-        self.eval_acc[dataloader_idx].update(self(x, task).argmax(-1), y)
+        self.eval_acc[dataloader_idx].update(self.predict(x, task).argmax(-1), y)
 
     def _computed_rows(self) -> tuple[Tensor | None, Tensor]:
         """The accuracies gathered since the last call, synced across ranks: (validation row or None, test row)."""

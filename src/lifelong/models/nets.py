@@ -19,6 +19,8 @@ class MLP(nn.Module):
         num_classes: number of outputs.
         hidden_sizes: width of each hidden layer.
         dropout: dropout probability after each hidden layer (0 disables it).
+        init: ``"default"`` (PyTorch's ``nn.Linear`` initialisation) or ``"xavier"`` (Xavier-uniform weights and
+            zero biases, as the official DER code's MNIST network).
     """
 
     def __init__(
@@ -27,10 +29,13 @@ class MLP(nn.Module):
         num_classes: int,
         hidden_sizes: Sequence[int] = (400, 400),
         dropout: float = 0.0,
+        init: str = "default",
     ) -> None:
         super().__init__()
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"model.dropout must be in [0, 1), got {dropout}")
+        if init not in ("default", "xavier"):
+            raise ValueError(f"model.init must be 'default' or 'xavier', got {init!r}")
         layers: list[nn.Module] = [nn.Flatten()]
         width = math.prod(input_shape)
         for h in hidden_sizes:
@@ -40,6 +45,11 @@ class MLP(nn.Module):
             width = int(h)
         layers.append(nn.Linear(width, num_classes))
         self.layers = nn.Sequential(*layers)
+        if init == "xavier":
+            for m in self.layers:
+                if isinstance(m, nn.Linear):
+                    nn.init.xavier_uniform_(m.weight)
+                    nn.init.zeros_(m.bias)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.layers(x)  # (B, num_classes)
