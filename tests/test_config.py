@@ -71,6 +71,14 @@ def test_replay_composes_beside_a_method(tmp_path, option):
 EXPERIMENTS = [p.stem for p in sorted((CONF / "experiment").glob("*.yaml"))]
 
 
+def test_a_preset_pins_the_strength_of_the_method_chosen(tmp_path):
+    ewc = _compose(tmp_path, ["experiment=permuted_mnist_10", "method=ewc"])
+    assert instantiate(ewc.method).ewc_lambda == 500  # selected on validation data (the preset's header)
+    assert instantiate(_compose(tmp_path, ["method=ewc"]).method).ewc_lambda == 60  # no preset: the default
+    finetune = _compose(tmp_path, ["experiment=permuted_mnist_10", "method=finetune"])
+    assert "ewc_lambda" not in finetune.method  # other methods ignore it
+
+
 @pytest.mark.parametrize("option", EXPERIMENTS)
 def test_experiment_presets_pin_their_protocol(tmp_path, option):
     assert len(EXPERIMENTS) >= 4
@@ -81,6 +89,13 @@ def test_experiment_presets_pin_their_protocol(tmp_path, option):
     if option == "dwa_mixture":  # the DWA paper's protocol: SGD at 0.075, batch 32, 200 epochs per task
         assert (cfg.optimizer.lr, dm.batch_size, dm.epochs_per_task) == (0.075, 32, 200)
         assert cfg.optimizer._target_ == "torch.optim.SGD" and cfg.optimizer.momentum == 0
+        return
+    if option.startswith("der2020"):  # Buzzega et al.'s MNIST protocol: MLP 100-100, plain SGD, 1 epoch, [0, 1]
+        assert cfg.optimizer._target_ == "torch.optim.SGD" and cfg.optimizer.momentum == 0
+        assert list(cfg.model.hidden_sizes) == [100, 100] and cfg.model.init == "xavier"
+        assert dm.epochs_per_task == 1 and dm.standardize is False and dm.val_fraction == 0
+        expected = (5, "class", 10) if option.endswith("seq_mnist") else (20, "domain", 128)
+        assert (dm.num_tasks, dm.scenario, dm.batch_size) == expected
         return
     assert cfg.optimizer.lr in (0.001, 0.0001) and dm.batch_size == 128
     if option.startswith("hsu2018"):
