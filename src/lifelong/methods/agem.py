@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import lightning as L
 import torch
 import torch.nn.functional as F
@@ -12,8 +10,7 @@ from torch.optim import Optimizer
 from typing_extensions import override
 
 from lifelong.data.streams import TaskStream, stream_of
-from lifelong.methods.base import ContinualMethod
-from lifelong.methods.replay import ReplayBuffer
+from lifelong.methods.replay import MemoryMethod, ReplayBuffer
 
 
 def project(grad: Tensor, reference: Tensor) -> Tensor:
@@ -27,7 +24,7 @@ def project(grad: Tensor, reference: Tensor) -> Tensor:
     return grad - scale * reference
 
 
-class AGEM(ContinualMethod):
+class AGEM(MemoryMethod):
     """A-GEM (Chaudhry, Ranzato, Rohrbach & Elhoseiny, 2019).
 
     At the end of each task (but the last) ``buffer_size // num_tasks`` of its training samples, drawn at
@@ -69,14 +66,8 @@ class AGEM(ContinualMethod):
         return net
 
     @override
-    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.buffer.to(pl_module.device)
-
-    @override
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        seed, epoch = stream_of(trainer).seed, trainer.current_epoch
-        self._generator = torch.Generator(device=pl_module.device)
-        self._generator.manual_seed(((seed * 1_000_003 + epoch) * 1009 + trainer.global_rank) * 7 + 4)
+        self._generator = self.epoch_generator(trainer, pl_module.device, salt=4)
 
     @override
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -126,11 +117,3 @@ class AGEM(ContinualMethod):
         theirs = trainer.strategy.broadcast(mine, src=0)
         if not torch.equal(mine, theirs):
             raise RuntimeError(f"A-GEM: rank {trainer.global_rank}'s weights differ from rank 0's after a DDP epoch")
-
-    @override
-    def state_dict(self) -> dict[str, Any]:
-        return {"buffer": self.buffer.state_dict()}
-
-    @override
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.buffer.load_state_dict(state_dict["buffer"])

@@ -12,8 +12,7 @@ from typing_extensions import override
 
 from lifelong.data.streams import stream_of
 from lifelong.data.tensors import Batch
-from lifelong.methods.base import ContinualMethod
-from lifelong.methods.replay import ReplayBuffer
+from lifelong.methods.replay import MemoryMethod, ReplayBuffer
 
 
 def der_loss(outputs: Tensor, stored: Tensor, alpha: float) -> Tensor:
@@ -27,7 +26,7 @@ def der_loss(outputs: Tensor, stored: Tensor, alpha: float) -> Tensor:
     return alpha * F.mse_loss(outputs.float(), stored.float())
 
 
-class DarkExperienceReplay(ContinualMethod):
+class DarkExperienceReplay(MemoryMethod):
     r"""DER and DER++ (Buzzega et al., NeurIPS 2020).
 
     A reservoir memory of the training stream: every training batch is offered to it (after the optimizer
@@ -83,16 +82,9 @@ class DarkExperienceReplay(ContinualMethod):
         stream_of(trainer).train_rows = True  # training batches carry each sample's row: its identity to store
 
     @override
-    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.buffer.to(pl_module.device)
-
-    @override
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        seed, epoch = stream_of(trainer).seed, trainer.current_epoch
-        self._sample_gen = torch.Generator(device=pl_module.device)
-        self._sample_gen.manual_seed(((seed * 1_000_003 + epoch) * 1009 + trainer.global_rank) * 7 + 5)
-        self._fill_gen = torch.Generator(device=pl_module.device)
-        self._fill_gen.manual_seed((seed * 1_000_003 + epoch) * 7 + 6)
+        self._sample_gen = self.epoch_generator(trainer, pl_module.device, salt=5)
+        self._fill_gen = self.epoch_generator(trainer, pl_module.device, salt=6, per_rank=False)
 
     def _minibatch(self, pl_module: L.LightningModule, n: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """``(x, y, task, stored logits)`` of ``n`` samples drawn from the memory."""
@@ -136,11 +128,3 @@ class DarkExperienceReplay(ContinualMethod):
             )
         assert self._fill_gen is not None
         self.buffer.add(rows, task, y, self._fill_gen, logits=logits)
-
-    @override
-    def state_dict(self) -> dict[str, Any]:
-        return {"buffer": self.buffer.state_dict()}
-
-    @override
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.buffer.load_state_dict(state_dict["buffer"])

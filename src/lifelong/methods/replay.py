@@ -155,7 +155,34 @@ class ReplayBuffer:
         self.seen = int(state["seen"])
 
 
-class ExperienceReplay(ContinualMethod):
+class MemoryMethod(ContinualMethod):
+    """A method with a :class:`ReplayBuffer` (``self.buffer``): kept on the training device, carried by checkpoints,
+    and sampled with local generators seeded by the stream's seed, the epoch and (for draws each rank makes on
+    its own) the rank - so a resumed run draws what the uninterrupted one did."""
+
+    buffer: ReplayBuffer
+
+    @override
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.buffer.to(pl_module.device)
+
+    @staticmethod
+    def epoch_generator(trainer: L.Trainer, device: torch.device, salt: int, per_rank: bool = True) -> torch.Generator:
+        """A generator on ``device`` for this epoch's draws; ``per_rank=False``: the same on every rank."""
+        seed, epoch = stream_of(trainer).seed, trainer.current_epoch
+        rank = trainer.global_rank if per_rank else 0
+        return torch.Generator(device=device).manual_seed(((seed * 1_000_003 + epoch) * 1009 + rank) * 7 + salt)
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {"buffer": self.buffer.state_dict()}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.buffer.load_state_dict(state_dict["buffer"])
+
+
+class ExperienceReplay(MemoryMethod):
     """Experience replay: every training step adds the loss on a batch drawn from a memory of past tasks.
 
     At the end of each task (but the last) the task's training samples are offered to a
@@ -199,16 +226,8 @@ class ExperienceReplay(ContinualMethod):
         self._generator: torch.Generator | None = None
 
     @override
-    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.buffer.to(pl_module.device)
-
-    @override
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        dm = stream_of(trainer)
-        self._generator = torch.Generator(device=pl_module.device)
-        self._generator.manual_seed(
-            ((dm.seed * 1_000_003 + trainer.current_epoch) * 1009 + trainer.global_rank) * 7 + 3
-        )
+        self._generator = self.epoch_generator(trainer, pl_module.device, salt=3)
 
     @override
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -234,11 +253,3 @@ class ExperienceReplay(ContinualMethod):
         pick = torch.randint(len(self.buffer), (n,), device=self.buffer.rows.device, generator=self._generator)
         x, y, task = dm.replay_batch(self.buffer.rows[pick], self.buffer.tasks[pick], self._generator)
         return self.replay_weight * F.cross_entropy(pl_module(x, task), y)
-
-    @override
-    def state_dict(self) -> dict[str, Any]:
-        return {"buffer": self.buffer.state_dict()}
-
-    @override
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.buffer.load_state_dict(state_dict["buffer"])
