@@ -13,9 +13,9 @@ from typing_extensions import override
 
 from lifelong.data.streams import TaskStream, stream_of
 from lifelong.data.tensors import Batch, TaskData, TensorBatchLoader
-from lifelong.methods.base import ContinualMethod, frozen_copy
+from lifelong.methods.base import frozen_copy
 from lifelong.methods.fisher import call_model
-from lifelong.methods.replay import ReplayBuffer
+from lifelong.methods.replay import MemoryMethod, ReplayBuffer
 
 if TYPE_CHECKING:
     from lifelong.models.module import ContinualClassifier
@@ -67,7 +67,7 @@ def nme_scores(feats: Tensor, means: Tensor) -> Tensor:
     return scores.masked_fill(means.isnan().any(1)[None, :], torch.finfo(scores.dtype).min)
 
 
-class ICaRL(ContinualMethod):
+class ICaRL(MemoryMethod):
     """iCaRL (Rebuffi et al., 2017), in the class scenario (and the task scenario, evaluated per task).
 
     * Memory: a class-balanced set of ``buffer_size`` exemplars, ``buffer_size // classes seen`` per class.
@@ -119,16 +119,17 @@ class ICaRL(ContinualMethod):
             )
         dm.train_selector = self._with_exemplars
 
+    def _exemplars(self, base: TaskData) -> TaskData:
+        """The exemplars, as samples of the stream's base images (which every task's rows index)."""
+        device = base.rows.device
+        return TaskData(base.images, base.labels, self.buffer.rows.to(device), self.buffer.tasks.to(device), None)
+
     def _with_exemplars(self, data: TaskData, epoch: int) -> TaskData:
-        if len(self.buffer) == 0:
-            return data
-        device = data.rows.device
-        stored = TaskData(data.images, data.labels, self.buffer.rows.to(device), self.buffer.tasks.to(device), None)
-        return TaskData.concat([data, stored])
+        return TaskData.concat([data, self._exemplars(data)]) if len(self.buffer) else data
 
     @override
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.buffer.to(pl_module.device)
+        super().on_fit_start(trainer, pl_module)
         if self.means is not None:
             self.means = self.means.to(pl_module.device)
         if self._old_state is not None:
@@ -200,11 +201,9 @@ class ICaRL(ContinualMethod):
     def _class_means(self, module: ContinualClassifier, dm: TaskStream) -> Tensor:
         assert dm.transform is not None
         device = module.device
-        base = dm.train_data(0)  # every task's rows index the same base images
-        stored = TaskData(base.images, base.labels, self.buffer.rows.to(device), self.buffer.tasks.to(device), None)
         sums: Tensor | None = None
         counts = torch.zeros(module.num_classes, device=device)
-        for x, y, _t, _r in self._whole(dm, stored):
+        for x, y, _t, _r in self._whole(dm, self._exemplars(dm.train_data(0))):
             f = features(module.net, x)
             if sums is None:
                 sums = torch.zeros(module.num_classes, f.shape[1], device=device)
@@ -224,11 +223,11 @@ class ICaRL(ContinualMethod):
     def state_dict(self) -> dict[str, Any]:
         old = {k: v.detach().cpu() for k, v in self._old.state_dict().items()} if self._old is not None else None
         means = self.means.cpu() if self.means is not None else None
-        return {"buffer": self.buffer.state_dict(), "tasks_done": self.tasks_done, "means": means, "old_network": old}
+        return {**super().state_dict(), "tasks_done": self.tasks_done, "means": means, "old_network": old}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.buffer.load_state_dict(state_dict["buffer"])
+        super().load_state_dict(state_dict)
         self.tasks_done = int(state_dict["tasks_done"])
         self.means = state_dict["means"]
         self._old_state = state_dict["old_network"]

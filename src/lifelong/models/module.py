@@ -105,6 +105,7 @@ class ContinualClassifier(L.LightningModule):
         for name, shape in RESULT_BUFFERS.items():  # NaN until measured
             self.register_buffer(name, torch.full(shape(num_tasks), float("nan")))
         self._methods: list[ContinualMethod] = []
+        self._loss_method: ContinualMethod | None = None  # the method whose loss replaces the cross-entropy
 
     @classmethod
     def for_stream(cls, net: nn.Module, optimizer: OptimizerFactory, stream: TaskStream, **kwargs: Any) -> Self:
@@ -165,9 +166,11 @@ class ContinualClassifier(L.LightningModule):
         callbacks = self.trainer.callbacks  # type: ignore[attr-defined]
         self._methods = [cb for cb in callbacks if isinstance(cb, ContinualMethod)]
         base = ContinualMethod.classification_loss
-        replacing = [m.name for m in self._methods if type(m).classification_loss is not base]
+        replacing = [m for m in self._methods if type(m).classification_loss is not base]
         if len(replacing) > 1:
-            raise ValueError(f"methods {replacing} each replace the classification loss: combine at most one of them")
+            names = [m.name for m in replacing]
+            raise ValueError(f"methods {names} each replace the classification loss: combine at most one of them")
+        self._loss_method = replacing[0] if replacing else None  # chosen once, not looked up every step
 
     @override
     def on_train_start(self) -> None:
@@ -215,8 +218,8 @@ class ContinualClassifier(L.LightningModule):
         return loss
 
     def _classification_loss(self, batch: tuple[Tensor, ...], outputs: Tensor) -> Tensor:
-        for method in self._methods:
-            loss = method.classification_loss(self, batch, outputs)
+        if self._loss_method is not None:
+            loss = self._loss_method.classification_loss(self, batch, outputs)
             if loss is not None:
                 return loss
         return F.cross_entropy(self.heads(outputs, batch[2]), batch[1])
