@@ -85,7 +85,11 @@ def build(cfg: DictConfig) -> tuple[TaskStream, ContinualClassifier, list[Contin
     net = instantiate(cfg.model, input_shape=datamodule.input_shape, num_classes=datamodule.num_classes)
     net = method.configure_network(net, datamodule)  # e.g. HAT's per-task masks
     module = ContinualClassifier.for_stream(
-        net, instantiate(cfg.optimizer), datamodule, reset_optimizer=cfg.reset_optimizer
+        net,
+        instantiate(cfg.optimizer),
+        datamodule,
+        reset_optimizer=cfg.reset_optimizer,
+        class_outputs=cfg.class_outputs,
     )
     return datamodule, module, callbacks
 

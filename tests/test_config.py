@@ -96,6 +96,7 @@ def test_experiment_presets_pin_their_protocol(tmp_path, option):
         assert dm.epochs_per_task == 1 and dm.standardize is False and dm.val_fraction == 0
         expected = (5, "class", 10) if option.endswith("seq_mnist") else (20, "domain", 128)
         assert (dm.num_tasks, dm.scenario, dm.batch_size) == expected
+        assert cfg.class_outputs == ("all" if option.endswith("seq_mnist") else "seen")  # the official head
         return
     assert cfg.optimizer.lr in (0.001, 0.0001) and dm.batch_size == 128
     if option.startswith("hsu2018"):

@@ -171,18 +171,39 @@ def test_random_crop_flip():
 
 
 # ---- the heads ------------------------------------------------------------------------------------------
-def _module(scenario: str) -> ContinualClassifier:
-    net = MLP((1, 4, 4), 6, hidden_sizes=[8])
+def _module(scenario: str, net: torch.nn.Module | None = None, **kwargs) -> ContinualClassifier:
+    net = net or MLP((1, 4, 4), 6, hidden_sizes=[8])
     opt = functools.partial(torch.optim.SGD, lr=0.1)
-    return ContinualClassifier(net, opt, 3, 6, scenario=scenario, task_classes=[[0, 1], [2, 3], [4, 5]])
+    return ContinualClassifier(net, opt, 3, 6, scenario=scenario, task_classes=[[0, 1], [2, 3], [4, 5]], **kwargs)
 
 
 def test_class_scenario_head_covers_the_classes_seen_so_far():
     module = _module("class")
+    everything = _module("class", class_outputs="all")  # the official code's convention (Buzzega et al.)
     x = torch.randn(5, 1, 4, 4)
     for task, width in ((0, 2), (1, 4), (2, 6)):
-        module.current_task = task
+        module.current_task = everything.current_task = task
         assert module(x, torch.zeros(5, dtype=torch.long)).shape == (5, width)
+        assert everything(x, torch.zeros(5, dtype=torch.long)).shape == (5, 6)
+    with pytest.raises(ValueError, match="class_outputs must be one of"):
+        _module("class", class_outputs="future")
+
+
+@pytest.mark.parametrize("class_outputs", ["seen", "all"])
+def test_class_scenario_also_measures_each_sample_among_its_own_tasks_classes(class_outputs):
+    module = _module("class", net=torch.nn.Flatten(), class_outputs=class_outputs)  # the input is the logits
+    module.current_task = 1  # classes 0-3 seen
+    logits = torch.tensor(
+        [
+            [0.0, 1.0, 5.0, 0.0, 9.0, 0.0],  # task 0, label 1: class-IL says 2 (or 4 with all outputs), task-aware 1
+            [3.0, 1.0, 0.0, 2.0, 0.0, 0.0],  # task 1, label 3: class-IL says 0, task-aware 3
+            [0.0, 0.0, 4.0, 1.0, 0.0, 0.0],  # task 1, label 2: right either way
+        ]
+    )
+    module._measure(0, logits, torch.tensor([1, 3, 2]), torch.tensor([0, 1, 1]))  # the test set of task 1 (loader 0)
+    _, test, aware = module._computed_rows()
+    assert test[0] == pytest.approx(1 / 3) and aware[0] == 1.0
+    assert len(_module("task").task_aware_acc) == len(_module("domain").task_aware_acc) == 0  # nothing to add
 
 
 def test_task_scenario_uses_each_samples_own_head():
@@ -265,6 +286,11 @@ def _check_run(m: dict, run_dir) -> None:
     assert m["scenario"] == m["stream"]["scenario"]
     if m["scenario"] == "class":  # the second task's classes are not in the head until it is trained
         assert m["accuracy_matrix"][0][1] == 0.0
+        # the Task-IL view of the run: ranking among fewer classes turns no right answer wrong
+        aware, matrix = torch.tensor(m["task_aware_accuracy_matrix"]), torch.tensor(m["accuracy_matrix"])
+        assert (aware >= matrix).all() and m["task_aware_avg_accuracy"] == pytest.approx(aware[-1].mean().item())
+    else:
+        assert "task_aware_avg_accuracy" not in m
     assert (run_dir / "accuracy_matrix.png").is_file() and (run_dir / "accuracy_matrix.csv").is_file()
     ckpt = load_checkpoint(run_dir / "checkpoints" / "last.ckpt")
     (stream_state,) = [v for k, v in ckpt.items() if k.endswith("Stream")]

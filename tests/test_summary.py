@@ -13,7 +13,7 @@ from lifelong.metrics.summary import collect, main, markdown, select
 from tests.conftest import REPO
 
 
-def _write(folder, method, seed, acc, bwt, forgetting, scenario="task", done=3, val=None, config=None):
+def _write(folder, method, seed, acc, bwt, forgetting, scenario="task", done=3, val=None, config=None, extra=None):
     folder.mkdir(parents=True)
     metrics = {
         "accuracy_matrix": [[acc]],
@@ -30,6 +30,7 @@ def _write(folder, method, seed, acc, bwt, forgetting, scenario="task", done=3, 
     }
     if val is not None:
         metrics["val_avg_accuracy"] = val
+    metrics.update(extra or {})
     (folder / "metrics.json").write_text(json.dumps(metrics))
 
 
@@ -65,6 +66,15 @@ def test_means_and_stds_by_hand(sweep):
     assert "| split_mnist | task | 3 | `ewc` | 3 | 92.00 ± 2.00 | -4.00 ± 2.00 | 5.00 ± 2.00 | n/a | n/a |" in table
     assert "| split_mnist | class | 3 | `finetune` | 1 | 19.00 | -99.00 | 99.00 | n/a | n/a |" in table
     assert all(g.setting == () for g in groups)  # seeds (and paths that differ with them) are not settings
+
+
+def test_class_scenario_runs_add_their_task_aware_accuracy(sweep):
+    _write(sweep / "f" / "0", "der", 0, 0.80, -0.2, 0.2, scenario="class", extra={"task_aware_avg_accuracy": 0.97})
+    _write(sweep / "f" / "1", "der", 1, 0.84, -0.1, 0.1, scenario="class", extra={"task_aware_avg_accuracy": 0.99})
+    table = markdown(collect(sweep)[0])
+    assert table.splitlines()[0].endswith("| LA (%) | Task-IL ACC (%) |")
+    assert "| `der` | 2 | 82.00 ± 2.83 | -15.00 ± 7.07 | 15.00 ± 7.07 | n/a | n/a | 98.00 ± 1.41 |" in table
+    assert "| `ewc` | 3 | 92.00 ± 2.00 | -4.00 ± 2.00 | 5.00 ± 2.00 | n/a | n/a | n/a |" in table  # no such view
 
 
 def test_command_prints_the_table_and_writes_csv_and_plot(sweep, capsys):

@@ -86,6 +86,12 @@ class StreamReport(L.Callback):
             val_rows = pl_module.completed_rows(validation=True).cpu()  # type: ignore[operator]
             val = _results(val_rows, pl_module.val_initial_accuracy.cpu())  # type: ignore[arg-type]
             results.update({f"val_{k}": v for k, v in val.items()})
+        if dm.scenario == "class":  # the Task-IL view of the same run: each sample among its own task's classes
+            for validation in (False, True)[: 1 + dm.has_validation]:
+                aware = pl_module.completed_rows(validation=validation, task_aware=True).cpu()  # type: ignore[operator]
+                prefix = "val_task_aware_" if validation else "task_aware_"
+                entries = _results(aware, torch.full((aware.shape[1],), math.nan))
+                results.update({prefix + k: v for k, v in entries.items() if k not in ("initial_accuracy", "fwt")})
         self.metrics = {
             **results,
             "num_tasks": dm.num_tasks,
@@ -154,6 +160,11 @@ def _print_summary(metrics: dict[str, Any], out: Path) -> None:
         f"average accuracy {fmt('avg_accuracy')} %  |  BWT {fmt('bwt')} %  |  forgetting {fmt('forgetting')} %  |  "
         f"FWT {fmt('fwt')} %  |  learning accuracy {fmt('learning_accuracy')} %"
     )
+    if metrics.get("task_aware_avg_accuracy") is not None:
+        lines.append(
+            f"task-aware (each sample among its task's classes): average accuracy {fmt('task_aware_avg_accuracy')} %"
+            f"  |  BWT {fmt('task_aware_bwt')} %"
+        )
     if metrics.get("val_avg_accuracy") is not None:
         lines.append(f"validation: average accuracy {fmt('val_avg_accuracy')} %  |  BWT {fmt('val_bwt')} %")
     lines.append(f"results: {out}")

@@ -115,7 +115,7 @@ def evaluate(module: ContinualClassifier, stream: TaskStream, after_task: int | 
             module's ``current_task``.
 
     Returns:
-        One accuracy per task, in [0, 1]: a row of the accuracy matrix.
+        One accuracy per task, in [0, 1]: a row of the accuracy matrix (ranked by :meth:`ContinualClassifier.predict`).
     """
     was_training = module.training
     module.eval()
@@ -128,7 +128,7 @@ def evaluate(module: ContinualClassifier, stream: TaskStream, after_task: int | 
         for j in range(stream.num_tasks):
             metric = MulticlassAccuracy(module.num_classes, average="micro").to(device)
             for x, y, task in stream.loader(stream.test_data(j), train=False):
-                metric.update(module(x, task).argmax(-1), y)
+                metric.update(module.predict(x, task).argmax(-1), y)
             row.append(float(metric.compute()))
     finally:
         module.train(was_training)

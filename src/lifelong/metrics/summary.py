@@ -28,7 +28,11 @@ from matplotlib.figure import Figure
 
 METRICS = ("avg_accuracy", "bwt", "forgetting", "fwt", "learning_accuracy")
 LABELS = {"avg_accuracy": "ACC", "bwt": "BWT", "forgetting": "forgetting", "fwt": "FWT", "learning_accuracy": "LA"}
+LABELS["task_aware_avg_accuracy"] = "Task-IL ACC"
 SELECT_ON = "val_avg_accuracy"
+# the class scenario's Task-IL view of the same runs (each sample ranked among its own task's classes): a column
+# of the table where some run has it
+TASK_AWARE = "task_aware_avg_accuracy"
 # config keys that are not hyperparameters: the seed (and what interpolates it), where data and outputs live,
 # how runs are logged and on what hardware they run; a key under a prefix here is never a hyperparameter
 NOT_HYPERPARAMETERS = (
@@ -117,7 +121,7 @@ def collect(root: Path) -> tuple[list[Group], list[str]]:
         for folder, m, config in members:
             setting = tuple((k, config.get(k, "-")) for k in varying)
             group = groups.setdefault((*key, setting), Group(*key, setting=setting))
-            for k in (*METRICS, SELECT_ON):
+            for k in (*METRICS, SELECT_ON, TASK_AWARE):
                 if m.get(k) is not None:
                     group.values[k].append(float(m[k]))
             group.seeds.append(m.get("seed"))
@@ -172,15 +176,21 @@ def _method_cell(g: Group) -> str:
 
 
 def markdown(groups: Sequence[Group]) -> str:
-    """The table: one row per stream, method and setting; percentages, mean ± std over the runs (seeds)."""
-    head = ["dataset", "scenario", "tasks", "method", "runs", *(f"{LABELS[k]} (%)" for k in METRICS)]
+    """The table: one row per stream, method and setting; percentages, mean ± std over the runs (seeds). With
+    class-scenario runs, a last column gives their task-aware (Task-IL) ACC."""
+    keys = _table_keys(groups)
+    head = ["dataset", "scenario", "tasks", "method", "runs", *(f"{LABELS[k]} (%)" for k in keys)]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for g in groups:
         runs = len(g.seeds)
         cells = [g.dataset, g.scenario, str(g.num_tasks), _method_cell(g), str(runs)]
-        cells += [_pct(g.mean(k), g.std(k), runs) for k in METRICS]
+        cells += [_pct(g.mean(k), g.std(k), runs) for k in keys]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _table_keys(groups: Sequence[Group]) -> tuple[str, ...]:
+    return (*METRICS, TASK_AWARE) if any(g.values[TASK_AWARE] for g in groups) else METRICS
 
 
 def selection_markdown(chosen: Sequence[Selection]) -> str:
@@ -197,7 +207,7 @@ def selection_markdown(chosen: Sequence[Selection]) -> str:
 
 
 def write_csv(groups: Sequence[Group], path: Path) -> None:
-    keys = (*METRICS, SELECT_ON)
+    keys = (*_table_keys(groups), SELECT_ON)
     with open(path, "w", newline="") as f:
         writer = csv.writer(f)
         stats = [f"{k}_{s}" for k in keys for s in ("mean", "std")]

@@ -30,9 +30,10 @@ class ContinualClassifier(L.LightningModule):
     * Heads, by scenario (see :mod:`lifelong.data.streams`): ``net`` has one output per class of all heads
       together. In the ``task`` scenario each sample's logits outside its task's head are masked out (to the
       dtype's lowest value, so softmax gives them probability 0 and no gradient reaches them); in the
-      ``class`` scenario the logits are cut to the classes seen so far (the tasks up to the current one);
-      in the ``domain`` scenario the one head is used as it is. Methods see these logits through
-      ``forward(x, task)``, and need not know the scenario.
+      ``class`` scenario the logits are cut to the classes seen so far (the tasks up to the current one),
+      or, with ``class_outputs="all"``, all outputs are trained and ranked from the first task on (the
+      convention of Mammoth, Buzzega et al.'s code); in the ``domain`` scenario the one head is used as it
+      is. Methods see these logits through ``forward(x, task)``, and need not know the scenario.
     * Training: cross-entropy plus the penalty of every :class:`~lifelong.methods.ContinualMethod` among the
       trainer's callbacks (logged as ``train/loss`` and ``train/<method>_penalty``).
     * Evaluation: at the end of each task, Lightning's validation loop measures every task's test set and,
@@ -41,7 +42,10 @@ class ContinualClassifier(L.LightningModule):
       checkpoints carry them. Logged as ``test/acc/task_<j>`` (1-based) and ``test/avg_acc_seen``, and as
       ``val/...`` for validation, which the progress bar shows when there is some. Before the first task,
       the untrained network is measured once the same way (:attr:`initial_accuracy`,
-      :attr:`val_initial_accuracy`): the reference of forward transfer.
+      :attr:`val_initial_accuracy`): the reference of forward transfer. In the ``class`` scenario the same
+      evaluation also fills :attr:`task_aware_accuracy_matrix` (and its validation twin): each sample ranked
+      among its own task's classes only, the Task-IL accuracy that class-incremental papers report beside
+      Class-IL from the same run.
 
     Args:
         net: the classifier, ``net(x) -> (B, num_classes)`` logits.
@@ -55,6 +59,9 @@ class ContinualClassifier(L.LightningModule):
             Hsu et al. (2018), so a task does not start with momentum from the previous one.
         validation: the stream's evaluation loaders include each task's validation set, before the test sets
             (``TaskStream.has_validation``).
+        class_outputs: the class scenario's head: ``"seen"`` (the outputs of the classes seen so far, the
+            default: a class's output is trained from its task on) or ``"all"`` (every output from the first
+            task on, so the cross-entropy pushes the classes still to come down).
     """
 
     takes_task = True  # forward(x, task); see lifelong.methods.fisher.call_model
@@ -63,6 +70,8 @@ class ContinualClassifier(L.LightningModule):
     initial_accuracy: Tensor
     val_initial_accuracy: Tensor
     task_mask: Tensor
+    task_aware_accuracy_matrix: Tensor
+    val_task_aware_accuracy_matrix: Tensor
 
     def __init__(
         self,
@@ -74,11 +83,14 @@ class ContinualClassifier(L.LightningModule):
         scenario: str = "domain",
         task_classes: Sequence[Sequence[int]] | None = None,
         validation: bool = False,
+        class_outputs: str = "seen",
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["net", "optimizer"])
         if scenario not in SCENARIOS:
             raise ValueError(f"scenario must be one of {list(SCENARIOS)}, got {scenario!r}")
+        if class_outputs not in CLASS_OUTPUTS:
+            raise ValueError(f"class_outputs must be one of {list(CLASS_OUTPUTS)}, got {class_outputs!r}")
         everything = [list(range(num_classes))] * num_tasks
         classes = [list(c) for c in task_classes] if task_classes is not None else everything
         if len(classes) != num_tasks or any(not c or min(c) < 0 or max(c) >= num_classes for c in classes):
@@ -89,6 +101,7 @@ class ContinualClassifier(L.LightningModule):
         self.num_classes = num_classes
         self.reset_optimizer = reset_optimizer
         self.scenario = scenario
+        self.class_outputs = class_outputs
         self.task_classes = classes
         self.current_task = 0  # the task being trained (set by the stream's clock); the class scenario's heads
         mask = torch.zeros(num_tasks, num_classes, dtype=torch.bool)
@@ -98,9 +111,13 @@ class ContinualClassifier(L.LightningModule):
         # how many outputs the classes of tasks 0..t span (outputs are in task order): the class scenario's head
         self.seen_outputs = [max(max(c) for c in classes[: t + 1]) + 1 for t in range(num_tasks)]
         self.validation = validation
-        # one accuracy per evaluation loader: [validation sets,] test sets
+        # one accuracy per evaluation loader: [validation sets,] test sets; the class scenario's task-aware twins
+        loaders = num_tasks * (2 if validation else 1)
         self.eval_acc: list[MulticlassAccuracy] = nn.ModuleList(  # type: ignore[assignment]
-            MulticlassAccuracy(num_classes, average="micro") for _ in range(num_tasks * (2 if validation else 1))
+            MulticlassAccuracy(num_classes, average="micro") for _ in range(loaders)
+        )
+        self.task_aware_acc: list[MulticlassAccuracy] = nn.ModuleList(  # type: ignore[assignment]
+            MulticlassAccuracy(num_classes, average="micro") for _ in range(loaders if scenario == "class" else 0)
         )
         for name, shape in RESULT_BUFFERS.items():  # NaN until measured
             self.register_buffer(name, torch.full(shape(num_tasks), float("nan")))
@@ -148,7 +165,7 @@ class ContinualClassifier(L.LightningModule):
                 raise ValueError("the task scenario needs each sample's task: forward(x, task)")
             mask = self.task_mask.index_select(0, task)  # (B, C)
             return logits.masked_fill(~mask, torch.finfo(logits.dtype).min)
-        if self.scenario == "class":
+        if self.scenario == "class" and self.class_outputs == "seen":
             return logits[:, : self.seen_outputs[self.current_task]]
         return logits
 
@@ -183,9 +200,9 @@ class ContinualClassifier(L.LightningModule):
         with torch.no_grad():
             for i, loader in enumerate(dm.val_dataloader()):
                 for x, y, task in loader:
-                    self.eval_acc[i].update(self.predict(x, task).argmax(-1), y)
+                    self._measure(i, x, y, task)
         self.train(was_training)
-        val, test = self._computed_rows()
+        val, test, _ = self._computed_rows()
         self.initial_accuracy.copy_(test)
         if val is not None:
             self.val_initial_accuracy.copy_(val)
@@ -238,25 +255,37 @@ class ContinualClassifier(L.LightningModule):
 
     @override
     def validation_step(self, batch: tuple[Tensor, Tensor, Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
-        x, y, task = batch
-        self.eval_acc[dataloader_idx].update(self.predict(x, task).argmax(-1), y)
+        self._measure(dataloader_idx, *batch)
 
-    def _computed_rows(self) -> tuple[Tensor | None, Tensor]:
-        """The accuracies gathered since the last call, synced across ranks: (validation row or None, test row)."""
-        row = torch.stack([metric.compute() for metric in self.eval_acc])
-        for metric in self.eval_acc:
-            metric.reset()
+    def _measure(self, loader: int, x: Tensor, y: Tensor, task: Tensor) -> None:
+        scores = self.predict(x, task)
+        self.eval_acc[loader].update(scores.argmax(-1), y)
+        if self.task_aware_acc:  # the class scenario: also rank each sample among its own task's classes only
+            mask = self.task_mask.index_select(0, task)[:, : scores.shape[1]]
+            self.task_aware_acc[loader].update(scores.masked_fill(~mask, -torch.inf).argmax(-1), y)
+
+    def _computed_rows(self) -> tuple[Tensor | None, Tensor, Tensor | None]:
+        """The accuracies gathered since the last call, synced across ranks: the validation row (or None), the
+        test row, and the class scenario's task-aware rows, validation's then test's (or None)."""
         t = self.num_tasks
-        return (row[:t] if self.validation else None), row[-t:]
+        row = _computed(self.eval_acc)
+        aware = _computed(self.task_aware_acc) if self.task_aware_acc else None
+        return (row[:t] if self.validation else None), row[-t:], aware
 
     @override
     def on_validation_epoch_end(self) -> None:
         dm = stream_of(self.trainer)
         task = dm.task_of_epoch(self.current_epoch)
-        val, test = self._computed_rows()
+        val, test, aware = self._computed_rows()
         self.accuracy_matrix[task] = test.to(self.accuracy_matrix)
         if val is not None:
             self.val_accuracy_matrix[task] = val.to(self.val_accuracy_matrix)
+        if aware is not None:
+            self.task_aware_accuracy_matrix[task] = aware[-self.num_tasks :].to(self.task_aware_accuracy_matrix)
+            if val is not None:
+                self.val_task_aware_accuracy_matrix[task] = aware[: self.num_tasks].to(
+                    self.val_task_aware_accuracy_matrix
+                )
         # the values are already synced across ranks (torchmetrics); sync_dist only silences Lightning's warning,
         # at the cost of one tiny all-reduce per task
         for split, row in (("val", val), ("test", test)):
@@ -291,9 +320,11 @@ class ContinualClassifier(L.LightningModule):
     def configure_optimizers(self) -> Optimizer:
         return self.optimizer_factory(self.parameters())
 
-    def completed_rows(self, validation: bool = False) -> Tensor:
-        """The rows of the (test, or validation) accuracy matrix filled so far (one per finished task)."""
-        matrix = self.val_accuracy_matrix if validation else self.accuracy_matrix
+    def completed_rows(self, validation: bool = False, task_aware: bool = False) -> Tensor:
+        """The rows of the (test, or validation) accuracy matrix filled so far (one per finished task); with
+        ``task_aware``, of the class scenario's task-aware matrix (all NaN in the other scenarios)."""
+        prefix = ("val_" if validation else "") + ("task_aware_" if task_aware else "")
+        matrix: Tensor = getattr(self, f"{prefix}accuracy_matrix")
         return matrix[~self.accuracy_matrix.isnan().all(dim=1)]
 
 
@@ -303,7 +334,19 @@ RESULT_BUFFERS: dict[str, Callable[[int], tuple[int, ...]]] = {
     "val_accuracy_matrix": lambda t: (t, t),  # the same on the validation sets (NaN without them)
     "initial_accuracy": lambda t: (t,),  # test accuracy of the untrained network (forward transfer's reference)
     "val_initial_accuracy": lambda t: (t,),
+    # the class scenario's test and validation accuracy with each sample ranked among its own task's classes
+    "task_aware_accuracy_matrix": lambda t: (t, t),
+    "val_task_aware_accuracy_matrix": lambda t: (t, t),
 }
+CLASS_OUTPUTS = ("seen", "all")  # the class scenario's head: see ContinualClassifier
+
+
+def _computed(metrics: Sequence[MulticlassAccuracy]) -> Tensor:
+    """Each metric's value (synced across ranks), as one row; the metrics are reset for the next evaluation."""
+    row = torch.stack([metric.compute() for metric in metrics])
+    for metric in metrics:
+        metric.reset()
+    return row
 
 
 def _mean_pct(row: Tensor, task: int) -> str:
