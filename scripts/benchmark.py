@@ -15,6 +15,9 @@ Sections (README, "Performance", holds the table of the last full run):
 * ``e2e``: ``train.py method=ewc dataset=permuted_mnist dataset.num_tasks=10 epochs_per_task=1``: wall time
   and peak resident memory, against the same protocol through the usual torchvision pipeline (a PIL image
   per sample, ToTensor, a permutation transform, DataLoader).
+* ``memory``: what a replay memory of 5120 samples (DER++, the paper's largest buffer, filled on one permuted
+  MNIST task) adds to a checkpoint: its size and the time ``Trainer.save_checkpoint`` takes, against the same
+  run without a memory (fine-tuning), and the size the memory would have if it held the images themselves.
 * ``dwa``: a training step of DWA's network (per-sample weight masks) beside HAT's (per-task unit masks) on
   the same network, time and the step's peak memory (each in a fresh process), for the MLP of the split-MNIST
   runs and the AlexNet-style network of the mixture; and the vectorised masked layers against a per-sample
@@ -48,7 +51,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from lifelong.data import PermutedStream
-from lifelong.methods import EWC, HAT, DWANet, Finetune, HATNet, fisher_sums, per_sample_loop_fisher
+from lifelong.methods import (
+    EWC,
+    HAT,
+    DarkExperienceReplay,
+    DWANet,
+    Finetune,
+    HATNet,
+    fisher_sums,
+    per_sample_loop_fisher,
+)
 from lifelong.models import CNN, MLP, AlexNet, ContinualClassifier
 from lifelong.run import stream_trainer
 
@@ -97,19 +109,23 @@ def lightning_epoch(dm: PermutedStream, method: L.Callback, out: Path) -> float:
     """Seconds of one training epoch through the default Lightning path (progress bar and TensorBoard on)."""
     from lightning.pytorch.loggers import TensorBoardLogger
 
+    timer = _EpochTimer()
+    _fit(dm, [method, timer], out, TensorBoardLogger(str(out), name="tb"))
+    return timer.seconds
+
+
+def _fit(dm: PermutedStream, callbacks: list[L.Callback], out: Path, logger: object = False) -> L.Trainer:
+    """The stream trained (MLP 2 x 400, SGD) through ``stream_trainer``, without evaluation; its trainer."""
     torch.manual_seed(0)
     net = MLP((1, 28, 28), 10)
     module = ContinualClassifier(net, functools.partial(torch.optim.SGD, lr=0.1), dm.num_tasks, 10)
-    timer = _EpochTimer()
     trainer_factory = functools.partial(
         L.Trainer, accelerator="cpu", devices=1, limit_val_batches=0, enable_model_summary=False
     )
-    trainer, _ = stream_trainer(
-        dm, out, trainer=trainer_factory, callbacks=[method, timer], logger=TensorBoardLogger(str(out), name="tb")
-    )
+    trainer, _ = stream_trainer(dm, out, trainer=trainer_factory, callbacks=callbacks, logger=logger)
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         trainer.fit(module, datamodule=dm)
-    return timer.seconds
+    return trainer
 
 
 def minimal_epoch(make_batch: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]], n: int) -> float:
@@ -533,9 +549,47 @@ def section_dwa(repeats: int) -> None:
     row("dwa", "masked Conv2d: speed-up of the grouped convolution", f"{res['loop'][0] / res['vec'][0]:.1f}x")
 
 
+# ---- a replay memory in checkpoints --------------------------------------------------------------------
+def section_memory(root: str | None, repeats: int, size: int = 5120) -> None:
+    print(f"\n[memory] a checkpoint with a replay memory of {size} samples (DER++) against one without", flush=True)
+    dm = _stream(root)
+    with tempfile.TemporaryDirectory() as tmp:
+        trainers = {
+            "finetune": _fit(dm, [Finetune()], Path(tmp, "ft")),
+            "derpp": _fit(dm, [DarkExperienceReplay(buffer_size=size, alpha=0.5, beta=1.0)], Path(tmp, "der")),
+        }
+        method = next(cb for cb in trainers["derpp"].callbacks if isinstance(cb, DarkExperienceReplay))
+        assert len(method.buffer) == size, f"the memory holds {len(method.buffer)} samples, not {size}"
+        paths = {name: Path(tmp, f"{name}.ckpt") for name in trainers}
+        saves = 10  # a save takes milliseconds: time ten in a row
+
+        def save(name: str) -> float:
+            t0 = time.perf_counter()
+            for _ in range(saves):
+                trainers[name].save_checkpoint(paths[name])
+            return (time.perf_counter() - t0) / saves
+
+        res = timed({name: functools.partial(save, name) for name in trainers}, repeats)
+        sizes = {name: path.stat().st_size for name, path in paths.items()}
+    images = size * dm.train_data(0).images[0].numel() * 4  # float32 images, had the memory held them
+    row(
+        "memory",
+        "checkpoint without a memory (fine-tuning): size, save",
+        f"{sizes['finetune'] / 2**20:.2f} MiB, " + fmt(res["finetune"]),
+    )
+    row(
+        "memory",
+        f"checkpoint with {size} samples (DER++): size, save",
+        f"{sizes['derpp'] / 2**20:.2f} MiB, " + fmt(res["derpp"]),
+    )
+    row("memory", "what the memory adds to the checkpoint", f"{(sizes['derpp'] - sizes['finetune']) / 2**10:.0f} KiB")
+    row("memory", f"the same {size} images as float32 tensors", f"{images / 2**20:.1f} MiB")
+    row("memory", "save time with the memory / without", f"{res['derpp'][0] / res['finetune'][0]:.2f}x", "<= 1.1x")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sections", nargs="+", default=["train", "fisher", "tasks", "e2e", "dwa"])
+    parser.add_argument("--sections", nargs="+", default=["train", "fisher", "tasks", "e2e", "memory", "dwa"])
     parser.add_argument("--data-root", default=os.environ.get("LIFELONG_DATA_DIR") or None)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--e2e-tasks", type=int, default=10)
@@ -565,6 +619,8 @@ def main() -> None:
         section_tasks(args.repeats)
     if "e2e" in args.sections:
         section_e2e(args.data_root, args.e2e_tasks)
+    if "memory" in args.sections:
+        section_memory(args.data_root, args.repeats)
     if "dwa" in args.sections:
         section_dwa(args.repeats)
     print("\n| section | measure | value | target |\n| --- | --- | --- | --- |")

@@ -117,6 +117,21 @@ def test_exact_fisher_closed_form_for_logistic_regression():
     torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
 
 
+def test_weighted_fisher_closed_form_for_logistic_regression():
+    # Mammoth's estimator: p_y (d log p_y / dW_ck)^2 = p_y (1[c = y] - p_c)^2 x_k^2, averaged over the samples.
+    torch.manual_seed(4)
+    model = nn.Linear(5, 4, bias=False)
+    batches = _batches(50, (5,), 4, batch=16)
+    x, y = torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
+    p = torch.softmax(model(x), -1).detach()
+    p_y = p.gather(1, y[:, None])  # (N, 1)
+    expected = (p_y * (nn.functional.one_hot(y, 4) - p).square()).T @ x.square() / len(x)
+    got = fisher_sums(model, batches, "weighted").mean()["weight"]
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
+    empirical = fisher_sums(model, batches, "empirical").mean()["weight"]
+    assert (got < empirical).all()  # every sample's term shrinks by its p_y < 1
+
+
 def test_not_the_squared_batch_gradient():
     # The per-sample Fisher is not the square of the mini-batch mean gradient (a biased shortcut).
     torch.manual_seed(0)

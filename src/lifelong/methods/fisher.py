@@ -9,7 +9,11 @@ with ``q_n`` chosen by ``fisher_type``:
 * ``empirical``: the true label (a point mass) - one backward pass per batch;
 * ``sampled``: one label drawn from the model's own p(y | x_n) - one backward pass per batch, an unbiased
   estimate of the true Fisher;
-* ``exact``: the expectation over all C classes, weighted by p(c | x_n) - C backward passes per batch.
+* ``exact``: the expectation over all C classes, weighted by p(c | x_n) - C backward passes per batch;
+* ``weighted``: the true label's term of ``exact`` alone, its squared gradient weighted by p(y_n | x_n) - one
+  backward pass per batch. Not a Fisher of its own, but the estimator of Mammoth's online EWC (Buzzega et al.
+  2020 and its baselines), whose lambdas are only comparable with it: the samples a network gets wrong, whose
+  gradients are largest, count for little.
 
 Every term is a *per-sample* squared gradient. Squaring a mini-batch mean gradient instead (as several
 libraries do) is a different, batch-size-dependent quantity, about 1/B of this one for uncorrelated
@@ -40,8 +44,8 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, jacrev, vmap
 from torch.nn.grad import conv2d_weight
 
-FisherType = Literal["empirical", "sampled", "exact"]
-FISHER_TYPES: tuple[str, ...] = ("empirical", "sampled", "exact")
+FisherType = Literal["empirical", "sampled", "exact", "weighted"]
+FISHER_TYPES: tuple[str, ...] = ("empirical", "sampled", "exact", "weighted")
 
 Batch = tuple[Tensor, ...]  # x, y, task (and, from a training loader, possibly the samples' rows)
 
@@ -256,6 +260,8 @@ def _labels_and_weights(
     ones = torch.ones(b, device=log_probs.device)
     if fisher_type == "empirical":
         return [(y, ones)]
+    if fisher_type == "weighted":
+        return [(y, log_probs.detach().gather(1, y[:, None]).squeeze(1).exp())]
     if fisher_type == "sampled":
         probs = log_probs.detach().exp()
         if generator is not None and generator.device != probs.device:
