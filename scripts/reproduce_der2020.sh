@@ -24,10 +24,11 @@ FIRST_SEED=${FIRST_SEED:-0}
 BENCHES=${BENCHES:-"seq_mnist perm_mnist"}
 BUFFERS=${BUFFERS:-"200 500"}
 PY=${PYTHON:-python}
-run() {
+FAILED=()
+run() {  # one method's seeds; a failed sweep (e.g. a NaN loss) is reported at the end, the others still run
   local bench=$1 name=$2; shift 2
   $PY train.py -m hydra/launcher=joblib hydra.launcher.n_jobs="$JOBS" logger=none "seed=range($FIRST_SEED,$SEEDS)" \
-    experiment=der2020_$bench hydra.sweep.dir=multirun/der2020/$bench/$name "$@"
+    experiment=der2020_$bench hydra.sweep.dir=multirun/der2020/$bench/$name "$@" || FAILED+=("$bench/$name")
 }
 for bench in $BENCHES; do
   if [ "$bench" = seq_mnist ]; then
@@ -75,3 +76,7 @@ for bench in $BENCHES; do
     done
   fi
 done
+if [ ${#FAILED[@]} -gt 0 ]; then
+  echo "failed: ${FAILED[*]} (see each run's train.log under multirun/der2020)" >&2
+  exit 1
+fi
