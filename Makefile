@@ -17,10 +17,12 @@ endif
 
 install: $(STAMP)
 
+# --no-cache-dir: without a CPU build on the index, torch comes with its CUDA packages (about 6 GB installed);
+# pip's cache would keep another copy of the downloaded wheels, which filled a CI machine's disk once.
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --upgrade pip
-	$(BIN)/python -m pip install -e '.[dev]'
+	$(BIN)/python -m pip install --no-cache-dir --upgrade pip
+	$(BIN)/python -m pip install --no-cache-dir -e '.[dev]'
 	touch $(STAMP)
 
 train: $(STAMP)  ## the default experiment: EWC on permuted MNIST
