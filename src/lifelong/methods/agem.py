@@ -71,16 +71,15 @@ class AGEM(MemoryMethod):
 
     @override
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        dm = stream_of(trainer)
-        epoch = trainer.current_epoch
-        task = dm.task_of_epoch(epoch)
         if trainer.world_size > 1:
             self._check_ranks_agree(trainer, pl_module)
-        if not dm.is_task_end(epoch) or task == dm.num_tasks - 1:
+        task = self.ended_task(trainer)
+        if task is None:
             return
+        dm = stream_of(trainer)
         data = dm.train_data(task)
         quota = self.buffer.size // dm.num_tasks
-        order = torch.randperm(len(data), generator=torch.Generator().manual_seed(dm.seed * 65_537 + task))[:quota]
+        order = self.task_order(dm.seed, task, len(data))[:quota]
         rows, tasks = data.rows.cpu()[order], data.tasks.cpu()[order]
         self.buffer.append(rows, tasks, data.labels.cpu()[rows])
 

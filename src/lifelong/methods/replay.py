@@ -173,6 +173,19 @@ class MemoryMethod(ContinualMethod):
         rank = trainer.global_rank if per_rank else 0
         return torch.Generator(device=device).manual_seed(((seed * 1_000_003 + epoch) * 1009 + rank) * 7 + salt)
 
+    @staticmethod
+    def ended_task(trainer: L.Trainer) -> int | None:
+        """The task whose last epoch this was, or None: also for the stream's last task, which nothing replays."""
+        dm, epoch = stream_of(trainer), trainer.current_epoch
+        task = dm.task_of_epoch(epoch)
+        return task if dm.is_task_end(epoch) and task < dm.num_tasks - 1 else None
+
+    @staticmethod
+    def task_order(seed: int, task: int, n: int) -> Tensor:
+        """A permutation of a task's ``n`` training samples, seeded by the stream and the task: the same on every
+        rank and after resume."""
+        return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 65_537 + task))
+
     @override
     def state_dict(self) -> dict[str, Any]:
         return {"buffer": self.buffer.state_dict()}
@@ -231,14 +244,13 @@ class ExperienceReplay(MemoryMethod):
 
     @override
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        dm = stream_of(trainer)
-        epoch = trainer.current_epoch
-        task = dm.task_of_epoch(epoch)
-        if not dm.is_task_end(epoch) or task == dm.num_tasks - 1:
+        task = self.ended_task(trainer)
+        if task is None:
             return
+        dm = stream_of(trainer)
         data = dm.train_data(task)
         classes = data.tasks * (int(data.labels.max()) + 1) + data.labels[data.rows]  # (task, label) pairs
-        order = torch.randperm(len(data), generator=torch.Generator().manual_seed(dm.seed * 65_537 + task))
+        order = self.task_order(dm.seed, task, len(data))
         rows, tasks, classes = (t.cpu()[order] for t in (data.rows, data.tasks, classes))
         self.buffer.add(rows, tasks, classes, torch.Generator().manual_seed(dm.seed * 31_337 + task))
         self.buffer.to(pl_module.device)
