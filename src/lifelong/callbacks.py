@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import functools
 import json
 import logging
 import math
@@ -18,6 +19,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from typing_extensions import override
 
 from lifelong.data.streams import stream_of
+from lifelong.files import atomic_open, save_atomic, write_atomic
 from lifelong.metrics.continual import summarize
 from lifelong.metrics.plots import accuracy_curves, accuracy_heatmap
 
@@ -55,7 +57,12 @@ class StreamReport(L.Callback):
     Files in ``output_dir``: ``metrics.json`` (the output contract of the README), ``accuracy_matrix.csv``,
     ``accuracy_matrix.png`` (heatmap) and ``accuracy_curves.png`` (each task's accuracy along the stream);
     in TensorBoard, both figures and the summary metrics as ``test/<metric>`` and, with a validation split,
-    ``val/<metric>``.
+    ``val/<metric>``. Each file is written atomically, and ``metrics.json`` last: its presence means the run
+    finished and every other result is complete.
+
+    ``wall_time_s`` is the training time of the whole stream: a resumed run adds its time to the time recorded
+    in the checkpoint it resumed from. The time between the two runs is not counted; an interrupted epoch,
+    trained again, is counted twice, as it was paid for twice.
 
     Args:
         output_dir: the run's folder.
@@ -66,11 +73,24 @@ class StreamReport(L.Callback):
         self.output_dir = Path(output_dir)
         self.info = dict(info or {})
         self._start = 0.0
+        self._before = 0.0  # training time recorded in the checkpoint this run resumed from
         self.metrics: dict[str, Any] = {}
 
     @override
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._start = time.perf_counter()
+
+    def elapsed(self) -> float:
+        """Seconds of training so far, over every run that trained this stream."""
+        return self._before + time.perf_counter() - self._start
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {"elapsed_s": self.elapsed()}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._before = float(state_dict.get("elapsed_s", 0.0))
 
     @override
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
@@ -97,7 +117,7 @@ class StreamReport(L.Callback):
             "num_tasks": dm.num_tasks,
             "tasks_completed": len(rows),
             **self.info,
-            "wall_time_s": round(time.perf_counter() - self._start, 3),
+            "wall_time_s": round(self.elapsed(), 3),
             "stream": dm.describe(),
         }
         self._write(trainer, rows)
@@ -106,8 +126,7 @@ class StreamReport(L.Callback):
     def _write(self, trainer: L.Trainer, rows: torch.Tensor) -> None:
         out = self.output_dir
         out.mkdir(parents=True, exist_ok=True)
-        (out / "metrics.json").write_text(json.dumps(self.metrics, indent=2) + "\n")
-        with open(out / "accuracy_matrix.csv", "w", newline="") as f:
+        with atomic_open(out / "accuracy_matrix.csv", newline="") as f:
             writer = csv.writer(f)
             writer.writerow(["after_task", *[f"task_{j + 1}" for j in range(rows.shape[1])]])
             for i, row in enumerate(rows.tolist()):
@@ -117,7 +136,7 @@ class StreamReport(L.Callback):
         step = trainer.global_step
         for name, make in (("accuracy_matrix", accuracy_heatmap), ("accuracy_curves", accuracy_curves)):
             fig = make(rows, title)
-            fig.savefig(out / f"{name}.png")
+            save_atomic(out / f"{name}.png", functools.partial(fig.savefig, format="png"))
             if tb is not None:
                 tb.experiment.add_figure(name, fig, global_step=step, close=False)
             fig.clf()
@@ -127,6 +146,7 @@ class StreamReport(L.Callback):
                     if self.metrics.get(prefix + key) is not None:
                         tb.experiment.add_scalar(f"{split}/{key}", self.metrics[prefix + key], step)
             tb.experiment.flush()
+        write_atomic(out / "metrics.json", json.dumps(self.metrics, indent=2) + "\n")  # last: the run is complete
         _print_summary(self.metrics, out)
 
 
