@@ -8,29 +8,26 @@ from __future__ import annotations
 
 import json
 import sys
-from pathlib import Path
 from typing import Any
 
 import hydra
-import torch
-from hydra.errors import InstantiationException
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from lifelong import evaluate
+from lifelong.checkpoints import read_checkpoint
+from lifelong.cli import exit_with
 from lifelong.errors import LifelongError
-from train import _fail, _fail_on, build
+from lifelong.files import write_atomic
+from train import build
 
 
 def _load(path: str) -> dict[str, Any]:
-    if not Path(path).is_file():
-        _fail(f"ckpt_path={path} is not a file. Point it at a checkpoint, e.g. RUN/checkpoints/last.ckpt")
     try:
-        ckpt: dict[str, Any] = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as err:  # a truncated or foreign file: pickle, zip and torch errors differ
-        _fail(f"{path} could not be read as a checkpoint ({type(err).__name__}: {err})")
-        raise AssertionError("unreachable") from err
+        ckpt = read_checkpoint(path)
+    except LifelongError as err:
+        exit_with(str(err))
     if "config" not in ckpt.get("lifelong", {}).get("info", {}):
-        _fail(f"{path} holds no lifelong config: it was not written by train.py (or by an older version of it)")
+        exit_with(f"{path} holds no lifelong config: it was not written by train.py (or by an older version of it)")
     return ckpt
 
 
@@ -44,11 +41,10 @@ def main(cfg: DictConfig) -> None:
             run_cfg.dataset.root = cfg.root
     try:
         stream, module, _ = build(run_cfg)
-        stream.load_state_dict(ckpt.get(type(stream).__qualname__, {}))  # refuses another stream
+        stream.check_state(ckpt.get(type(stream).__qualname__, {}))  # refuses another stream
         module.load_state_dict(ckpt["state_dict"])
-    except (LifelongError, ValueError, TypeError, InstantiationException, RuntimeError) as err:
-        _fail_on(err)
-        return
+    except (LifelongError, RuntimeError) as err:
+        exit_with(str(err))
     task = stream.task_of_epoch(int(ckpt["epoch"]))
     row = evaluate(module.to(cfg.device), stream, after_task=task)
     recorded = module.accuracy_matrix[task].tolist()
@@ -72,7 +68,7 @@ def main(cfg: DictConfig) -> None:
             "scenario": stream.scenario,
             "seed": info.get("seed"),
         }
-        Path(cfg.out).write_text(json.dumps(result, indent=2) + "\n")
+        write_atomic(cfg.out, json.dumps(result, indent=2) + "\n")
 
 
 if __name__ == "__main__":

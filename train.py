@@ -1,12 +1,14 @@
 """Train a network through a task stream: ``python train.py method=ewc dataset=permuted_mnist``.
 
-A thin Hydra entry point: it composes the config (conf/), instantiates the parts and hands them to
-:func:`lifelong.train_stream`. Only this file knows about Hydra; the library takes plain values.
+A thin Hydra entry point: it composes the config (conf/), checks it, instantiates the parts and fits them
+(see :func:`lifelong.stream_trainer`). Only this file knows about Hydra; the library takes plain values.
+Every check runs before anything trains or is written (README, "Bad input").
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import sys
 from pathlib import Path
@@ -14,51 +16,57 @@ from typing import Any
 
 import hydra
 import lightning as L
+import torch
 from hydra.core.hydra_config import HydraConfig
-from hydra.errors import InstantiationException
 from hydra.types import RunMode
-from hydra.utils import instantiate
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
-from lifelong import train_stream
+from lifelong.callbacks import StreamReport
+from lifelong.checkpoints import check_checkpoint, read_checkpoint
+from lifelong.cli import (
+    GROUPS,
+    USER_ERRORS,
+    FolderState,
+    RunComplete,
+    build_part,
+    check_options,
+    clear_results,
+    exit_with,
+    finished_run,
+    held_file_logs,
+    plan_folder,
+    save_config,
+)
+from lifelong.config import check_targets, name_the_key
 from lifelong.data import TaskStream
-from lifelong.errors import LifelongError
+from lifelong.errors import ConfigError, LifelongError
 from lifelong.methods import ContinualMethod, ExperienceReplay
 from lifelong.models import ContinualClassifier
+from lifelong.run import STREAM_TRAINER_ARGS, stream_trainer
 
 log = logging.getLogger(__name__)
 
-
-def _fail(message: str) -> None:
-    print(f"\nerror: {message}", file=sys.stderr, flush=True)
-    sys.exit(2)
-
-
-def _fail_on(err: BaseException) -> None:
-    """A wrong value or missing data: one message, no traceback from inside the library."""
-    cause = _root_cause(err)
-    _fail(str(cause) if isinstance(cause, (LifelongError, ValueError)) else str(err))
-
-
-def _root_cause(err: BaseException) -> BaseException:
-    while isinstance(err, InstantiationException) and err.__cause__ is not None:
-        err = err.__cause__
-    return err
-
-
-def _checkpoint_to_resume(cfg: DictConfig, output_dir: Path) -> str | None:
-    """``ckpt_path`` if given (it must exist), else with ``resume=true`` the run folder's last checkpoint."""
-    if cfg.ckpt_path is not None:
-        if not Path(cfg.ckpt_path).is_file():
-            _fail(f"ckpt_path={cfg.ckpt_path} is not a file. Point it at a checkpoint, e.g. RUN/checkpoints/last.ckpt")
-        return str(cfg.ckpt_path)
-    if cfg.resume:
-        last = output_dir / "checkpoints" / "last.ckpt"
-        if last.is_file():
-            log.info(f"resume=true: resuming the stream from {last}")
-            return str(last)
-        log.info(f"resume=true: no checkpoint in {last.parent} yet, starting the stream from the beginning")
-    return None
+# Keys a resumed run may change from the run that wrote its checkpoint: where it runs and what it shows, not
+# what it trains (everything else recorded in the checkpoint must match; see lifelong.checkpoints)
+RESUME_MAY_DIFFER = (
+    "ckpt_path",
+    "resume",
+    "overwrite",
+    "preset",  # the values it pins are compared where they are used
+    "logger",
+    "dataset.root",
+    "dataset.download",
+    "dataset.eval_batch_size",
+    "trainer.accelerator",
+    "trainer.devices",
+    "trainer.num_nodes",
+    "trainer.strategy",
+    "trainer.enable_progress_bar",
+    "trainer.enable_model_summary",
+    "trainer.log_every_n_steps",
+)
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
@@ -68,30 +76,79 @@ def main(cfg: DictConfig) -> float | None:
     return run(cfg, Path(hc.runtime.output_dir), dict(hc.runtime.choices), sweep_dir=sweep_dir)
 
 
-def build(cfg: DictConfig) -> tuple[TaskStream, ContinualClassifier, list[ContinualMethod]]:
-    """The stream (set up: its data loaded), the module and the methods of a composed config.
+def check(cfg: DictConfig) -> None:
+    """Every value of a composed config, before anything is built: types, keys, the run's own options."""
+    try:
+        values = OmegaConf.to_container(cfg, resolve=True)
+    except OmegaConfBaseException as err:  # an interpolation that cannot be resolved; its message names the key
+        raise ConfigError(str(err).strip()) from None
+    assert isinstance(values, dict)
+    check_options(values)
+    check_targets({k: v for k, v in values.items() if k in GROUPS})
+    derived = sorted(set(cfg.trainer) & set(STREAM_TRAINER_ARGS) - {"enable_progress_bar"})  # that one is read
+    if derived:
+        raise ConfigError(
+            f"trainer.{derived[0]} is set by the stream (the trainer's clock is the stream's: num_tasks x "
+            "epochs_per_task epochs, evaluated at each task end); set dataset.num_tasks or epochs_per_task instead"
+        )
 
-    Raises ``LifelongError``, ``ValueError`` or Hydra's ``InstantiationException`` on bad values or data.
-    """
-    datamodule = instantiate(cfg.dataset)
-    datamodule.prepare_data()
-    datamodule.setup("fit")  # loads the data now: a missing file fails before anything else starts
-    method = instantiate(cfg.method)
+
+def build_parts(cfg: DictConfig) -> tuple[TaskStream, list[ContinualMethod]]:
+    """The stream (not yet loaded) and the method callbacks: constructors only, so their checks run first."""
+    datamodule = build_part("dataset", cfg.dataset)
+    method = build_part("method", cfg.method)
     callbacks = [method]
     if cfg.get("replay"):
         if isinstance(method, ExperienceReplay):
-            raise ValueError("method=er already replays: drop replay=..., or combine replay with another method")
-        callbacks.append(instantiate(cfg.replay))
-    net = instantiate(cfg.model, input_shape=datamodule.input_shape, num_classes=datamodule.num_classes)
-    net = method.configure_network(net, datamodule)  # e.g. HAT's per-task masks
+            raise ConfigError("method=er already replays: drop replay=..., or combine replay with another method")
+        callbacks.append(build_part("replay", cfg.replay))
+    return datamodule, callbacks
+
+
+def build_module(cfg: DictConfig, datamodule: TaskStream, method: ContinualMethod) -> ContinualClassifier:
+    """The network and its LightningModule for a loaded stream; the optimizer is built once on its parameters,
+    so that a value only torch checks (``optimizer.lr=-0.1``) fails here, not inside ``fit``."""
+    net = build_part("model", cfg.model, input_shape=datamodule.input_shape, num_classes=datamodule.num_classes)
+    try:
+        net = method.configure_network(net, datamodule)  # e.g. HAT's per-task masks
+    except (ValueError, TypeError) as err:
+        raise ConfigError(str(err)) from None
     module = ContinualClassifier.for_stream(
         net,
-        instantiate(cfg.optimizer),
+        build_part("optimizer", cfg.optimizer),
         datamodule,
         reset_optimizer=cfg.reset_optimizer,
         class_outputs=cfg.class_outputs,
     )
-    return datamodule, module, callbacks
+    try:
+        module.configure_optimizers()
+    except USER_ERRORS as err:
+        raise ConfigError(name_the_key(str(err), "optimizer", _values(cfg.optimizer))) from None
+    return module
+
+
+def build(cfg: DictConfig) -> tuple[TaskStream, ContinualClassifier, list[ContinualMethod]]:
+    """The stream (set up: its data loaded), the module and the methods of a composed config (for eval.py).
+
+    Raises ``LifelongError`` on bad values or data.
+    """
+    datamodule, callbacks = build_parts(cfg)
+    load(datamodule)
+    return datamodule, build_module(cfg, datamodule, callbacks[0]), callbacks
+
+
+def load(datamodule: TaskStream) -> None:
+    datamodule.prepare_data()
+    try:
+        datamodule.setup("fit")  # loads the data now: a missing file fails before anything else starts
+    except ValueError as err:  # a value only the data can check (classes per task, a split too small)
+        raise ConfigError(str(err)) from None
+
+
+def _values(node: DictConfig) -> dict[str, Any]:
+    values = OmegaConf.to_container(node, resolve=True)
+    assert isinstance(values, dict)
+    return {str(k): v for k, v in values.items()}
 
 
 def run(cfg: DictConfig, output_dir: Path, choices: dict[str, Any], sweep_dir: Path | None = None) -> float | None:
@@ -102,16 +159,49 @@ def run(cfg: DictConfig, output_dir: Path, choices: dict[str, Any], sweep_dir: P
     warning once per sweep (``sweep_dir``) that selecting on it selects on test.
 
     ``choices`` names the config groups chosen (``{"method": "ewc", "dataset": ...}``), for ``metrics.json``.
-    Exits with status 2 and one message on bad values or missing data.
+    Bad input - a value, missing data, a checkpoint of another run, a folder holding another run's results -
+    exits with status 2 and one message before anything trains, and leaves every file as it was. In a sweep,
+    a job that completed already (``resume=true``) returns its recorded value, and a job whose training fails
+    (a NaN loss) is reported and returns NaN, so that the sweep goes on.
     """
-    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    with held_file_logs():  # a refused run adds nothing to the folder's train.log
+        try:
+            datamodule, module, trainer, report, ckpt_path, state = _prepare(cfg, output_dir, choices)
+        except RunComplete as done:
+            if sweep_dir is None:
+                exit_with(str(done))
+            print(f"skipped: {done}", file=sys.stderr, flush=True)
+            recorded = finished_run(output_dir)
+            return recorded.get("val_avg_accuracy", recorded.get("avg_accuracy"))
+        except LifelongError as err:
+            exit_with(str(err))
+    if rank_zero_only.rank == 0:
+        if cfg.overwrite and state != "empty":
+            clear_results(output_dir)  # asked for, and every check passed
+        save_config(output_dir, cfg, HydraConfig.instance().cfg if HydraConfig.initialized() else None)
     try:
-        datamodule, module, callbacks = build(cfg)
-        logger = instantiate(cfg.logger) if cfg.get("logger") else False
-        trainer = instantiate(cfg.trainer)
-    except (LifelongError, ValueError, TypeError, InstantiationException) as err:
-        _fail_on(err)
-        return None
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    except LifelongError as err:  # e.g. a NaN loss
+        if sweep_dir is None:
+            exit_with(str(err))
+        log.error(f"error: {err}\n(this job failed; the sweep goes on)")
+        return math.nan
+    metrics = report.metrics
+    if datamodule.has_validation:
+        return metrics.get("val_avg_accuracy")
+    if sweep_dir is not None:
+        _warn_selecting_on_test(sweep_dir)
+    return metrics.get("avg_accuracy")
+
+
+def _prepare(
+    cfg: DictConfig, output_dir: Path, choices: dict[str, Any]
+) -> tuple[TaskStream, ContinualClassifier, L.Trainer, StreamReport, str | None, FolderState]:
+    """Check everything a run needs, cheapest first, and build its parts; raises ``LifelongError``."""
+    check(cfg)
+    state = plan_folder(output_dir, resume=cfg.resume, overwrite=cfg.overwrite, ckpt_path=cfg.ckpt_path)
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    datamodule, callbacks = build_parts(cfg)
     info: dict[str, Any] = {
         "method": choices.get("method") + (f"+{choices['replay']}" if choices.get("replay") else ""),
         "dataset": choices.get("dataset"),
@@ -122,27 +212,49 @@ def run(cfg: DictConfig, output_dir: Path, choices: dict[str, Any], sweep_dir: P
         "epochs_per_task": cfg.epochs_per_task,
         "config": OmegaConf.to_container(cfg, resolve=True),
     }
-    ckpt_path = _checkpoint_to_resume(cfg, output_dir)
-    try:
-        metrics = train_stream(
+    logger = build_part("logger", cfg.logger) if cfg.get("logger") else False
+    try:  # Lightning checks the accelerator, devices and strategy here
+        trainer, report = stream_trainer(
             datamodule,
-            module,
             output_dir,
-            trainer=trainer,
+            trainer=build_part("trainer", cfg.trainer),
             callbacks=callbacks,
             logger=logger,
             info=info,
-            ckpt_path=ckpt_path,
             progress_bar=cfg.trainer.get("enable_progress_bar", True),
         )
-    except LifelongError as err:  # e.g. a checkpoint of another run
-        _fail(str(err))
+    except USER_ERRORS as err:
+        raise ConfigError(_trainer_message(err, cfg)) from None
+    load(datamodule)
+    module = build_module(cfg, datamodule, callbacks[0])
+    ckpt_path = _checkpoint_to_resume(cfg, output_dir, state)
+    if ckpt_path is not None:
+        ckpt = read_checkpoint(ckpt_path)
+        check_checkpoint(ckpt, ckpt_path, trainer, module, datamodule, info, may_differ=RESUME_MAY_DIFFER)
+    return datamodule, module, trainer, report, ckpt_path, state
+
+
+def _trainer_message(err: BaseException, cfg: DictConfig) -> str:
+    message = name_the_key(str(err), "trainer", _values(cfg.trainer))
+    if str(cfg.trainer.get("accelerator")) in ("gpu", "cuda") and not torch.cuda.is_available():
+        message += " (no CUDA GPU is visible to this process: run on the CPU with trainer=cpu, or trainer=ddp_cpu)"
+    return message
+
+
+def _checkpoint_to_resume(cfg: DictConfig, output_dir: Path, state: FolderState) -> str | None:
+    """``ckpt_path`` if given, else with ``resume=true`` the run folder's latest checkpoint."""
+    if cfg.ckpt_path is not None:
+        return str(cfg.ckpt_path)
+    if not cfg.resume:
         return None
-    if datamodule.has_validation:
-        return metrics.get("val_avg_accuracy")
-    if sweep_dir is not None:
-        _warn_selecting_on_test(sweep_dir)
-    return metrics.get("avg_accuracy")
+    if state == "empty":
+        log.info(f"resume=true: no checkpoint in {output_dir / 'checkpoints'} yet, starting the stream from the start")
+        return None
+    last = output_dir / "checkpoints" / "last.ckpt"
+    if not last.is_file():  # killed before the first last.ckpt was kept: the newest checkpoint of a task
+        last = max((output_dir / "checkpoints").glob("*.ckpt"), key=lambda p: p.stat().st_mtime)
+    log.info(f"resume=true: resuming the stream from {last}")
+    return str(last)
 
 
 def _warn_selecting_on_test(sweep_dir: Path) -> None:
@@ -174,7 +286,7 @@ def _check_output_folder(argv: list[str]) -> None:
         existing = existing.parent
     if not existing.is_dir() or not os.access(existing, os.W_OK):
         what = "is not a folder" if not existing.is_dir() else "is not writable"
-        _fail(
+        exit_with(
             f"cannot write the run's outputs to {folder}: {existing} {what}. "
             f"Choose another folder with {key}DIR (or run from a writable working directory)."
         )

@@ -17,6 +17,8 @@
 #   (empirical) Fisher, lambda 180 at lr 0.03 diverged (NaN loss) on Seq-MNIST seed 7.
 # * Seq-MNIST trains all 10 outputs from the first task (class_outputs=all, set by the preset), as the official
 #   code does.
+# Run again over existing results: RESUME=1 finishes what is missing and skips finished runs (a new run
+# is refused in a folder that holds results).
 set -euo pipefail
 SEEDS=${1:-10}
 JOBS=${2:-2}
@@ -27,7 +29,7 @@ PY=${PYTHON:-python}
 FAILED=()
 run() {  # one method's seeds; a failed sweep (e.g. a NaN loss) is reported at the end, the others still run
   local bench=$1 name=$2; shift 2
-  $PY train.py -m hydra/launcher=joblib hydra.launcher.n_jobs="$JOBS" logger=none "seed=range($FIRST_SEED,$SEEDS)" \
+  $PY train.py -m hydra/launcher=joblib hydra.launcher.n_jobs="$JOBS" logger=none ${RESUME:+resume=true} "seed=range($FIRST_SEED,$SEEDS)" \
     experiment=der2020_$bench hydra.sweep.dir=multirun/der2020/$bench/$name "$@" || FAILED+=("$bench/$name")
 }
 for bench in $BENCHES; do

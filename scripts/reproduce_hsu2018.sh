@@ -4,12 +4,14 @@
 #   FIRST_SEED=5 bash scripts/reproduce_hsu2018.sh 10    # seeds 5..9 only: extends a finished 5-seed run to 10
 #   METHODS="ewc l2" bash scripts/reproduce_hsu2018.sh 10   # some methods only
 # Results: multirun/hsu2018/<scenario>/..., summarised into multirun/hsu2018/summary.csv (and printed).
+# Run again over existing results: RESUME=1 finishes what is missing and skips finished runs (a new run
+# is refused in a folder that holds results).
 set -euo pipefail
 SEEDS=${1:-5}
 JOBS=${2:-2}
 FIRST_SEED=${FIRST_SEED:-0}
 PY=${PYTHON:-python}
-run() { $PY train.py -m hydra/launcher=joblib hydra.launcher.n_jobs="$JOBS" logger=none "seed=range($FIRST_SEED,$SEEDS)" "$@"; }
+run() { $PY train.py -m hydra/launcher=joblib hydra.launcher.n_jobs="$JOBS" logger=none ${RESUME:+resume=true} "seed=range($FIRST_SEED,$SEEDS)" "$@"; }
 # EWC lambdas: Hsu et al.'s (without the 1/2) doubled for our lambda/2 form
 declare -A EWC=([task]=200 [domain]=200 [class]=1200) ONLINE=([task]=800 [domain]=1400 [class]=200)
 # L2 and LwF strengths selected on validation data (scripts/select_hsu2018.sh); the task scenario keeps the defaults

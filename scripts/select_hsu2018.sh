@@ -4,11 +4,13 @@
 # with the selected values and reports test accuracy.
 #   bash scripts/select_hsu2018.sh [JOBS]
 # Results: multirun/select_hsu2018/<scenario>/<method>/..., the choice printed by summarize.py --select.
+# Run again over existing results: RESUME=1 finishes what is missing and skips finished runs (a new run
+# is refused in a folder that holds results).
 set -euo pipefail
 JOBS=${1:-2}
 PY=${PYTHON:-python}
 run() {
-  $PY train.py -m hydra/launcher=joblib hydra.launcher.n_jobs="$JOBS" logger=none dataset.val_fraction=0.1 \
+  $PY train.py -m hydra/launcher=joblib hydra.launcher.n_jobs="$JOBS" logger=none ${RESUME:+resume=true} dataset.val_fraction=0.1 \
     'seed=range(0,3)' "$@"
 }
 for sc in domain class; do

@@ -73,3 +73,24 @@ def test_optuna_searches_lambda_and_learning_rate(tmp_path, mnist_root):
     assert result["best_value"] == max(r["val_avg_accuracy"] for r in runs)
     assert all(r["val_avg_accuracy"] != r["avg_accuracy"] for r in runs)
     assert "chosen on test" not in proc.stdout + proc.stderr
+
+
+@pytest.mark.integration
+def test_a_failed_job_does_not_stop_the_sweep_and_a_relaunch_skips_finished_jobs(tmp_path, mnist_root):
+    """A job whose loss becomes NaN is reported and the next job runs; the sweep relaunched with resume=true
+    leaves the finished job's files as they were and retries the failed one."""
+    sweep = tmp_path / "sweep"
+    args = ["optimizer=sgd", "method.ewc_lambda=1e38,60", f"dataset.root={mnist_root}", *SMALL]
+    proc = _sweep(args, sweep)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (finished,) = [p.parent for p in sweep.rglob("metrics.json")]
+    assert finished.name == "1_seed0" and "Traceback" not in proc.stderr
+    failed_log = next(sweep.rglob("0_seed0/train.log")).read_text()
+    assert "training loss is nan" in failed_log and "the sweep goes on" in failed_log
+    before = {p: p.read_bytes() for p in finished.rglob("*") if p.is_file()}
+
+    again = _sweep([*args, "resume=true"], sweep)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "skipped" in again.stderr and "holds a finished run" in again.stderr
+    assert {p: p.read_bytes() for p in finished.rglob("*") if p.is_file()} == before
+    assert "resuming the stream from" in next(sweep.rglob("0_seed0/train.log")).read_text()

@@ -19,3 +19,11 @@ class ResumeError(LifelongError, RuntimeError):
 
 class NonFiniteLossError(LifelongError, FloatingPointError):
     """The training loss became NaN or infinite."""
+
+
+class ConfigError(LifelongError, ValueError):
+    """A configuration value that its part does not accept (a wrong type, an unknown key, out of range)."""
+
+
+class RunFolderError(LifelongError, RuntimeError):
+    """The output folder already holds results this run would overwrite, or a finished run asked to resume."""

@@ -13,10 +13,24 @@ from lightning.pytorch.loggers import Logger
 from torchmetrics.classification import MulticlassAccuracy
 
 from lifelong.callbacks import StreamReport, TaskProgressBar
+from lifelong.checkpoints import check_checkpoint, read_checkpoint
 from lifelong.data.streams import TaskStream
 from lifelong.models.module import ContinualClassifier
 
 TrainerFactory = Callable[..., L.Trainer]
+
+# The Trainer arguments the stream sets (a trainer factory's own values for them would be overridden)
+STREAM_TRAINER_ARGS = (
+    "max_epochs",
+    "reload_dataloaders_every_n_epochs",
+    "check_val_every_n_epoch",
+    "num_sanity_val_steps",
+    "use_distributed_sampler",
+    "callbacks",
+    "logger",
+    "enable_progress_bar",
+    "default_root_dir",
+)
 
 
 def stream_trainer(
@@ -70,7 +84,7 @@ def stream_trainer(
         extra.append(ModelCheckpoint(dirpath=ckpt_dir, save_top_k=0, save_last=True, save_on_train_epoch_end=True))
     if progress_bar:
         extra.append(TaskProgressBar())
-    trainer_obj = trainer(
+    derived = dict(
         max_epochs=datamodule.max_epochs,
         # every epoch, not every `epochs`: Lightning counts that schedule from the last reload, which a resumed
         # run shifts by one (it builds the loaders before it moves to the next epoch), so a run resumed inside
@@ -84,6 +98,8 @@ def stream_trainer(
         enable_progress_bar=progress_bar,
         default_root_dir=str(out),
     )
+    assert derived.keys() == set(STREAM_TRAINER_ARGS)
+    trainer_obj = trainer(**derived)
     return trainer_obj, report
 
 
@@ -97,9 +113,14 @@ def train_stream(
 ) -> dict[str, Any]:
     """Train ``module`` through the whole stream and return the results (also written to ``output_dir``).
 
-    Keyword arguments go to :func:`stream_trainer`.
+    With ``ckpt_path``, the checkpoint is read and checked against this run first (its stream, methods and
+    network; :func:`lifelong.checkpoints.check_checkpoint`). Keyword arguments go to :func:`stream_trainer`.
     """
     trainer, report = stream_trainer(datamodule, output_dir, **kwargs)
+    if ckpt_path is not None:
+        datamodule.prepare_data()
+        datamodule.setup("fit")
+        check_checkpoint(read_checkpoint(ckpt_path), ckpt_path, trainer, module, datamodule, kwargs.get("info"))
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     return report.metrics
 

@@ -368,6 +368,10 @@ class TaskStream(L.LightningDataModule):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Refuse to resume a checkpoint on a different stream (other seed, tasks or permutations)."""
+        self.check_state(state_dict)
+
+    def check_state(self, state_dict: dict[str, Any]) -> None:
+        """Raise :class:`ResumeError` unless ``state_dict`` (a checkpoint's) was written for this stream."""
         saved = state_dict.get("describe")
         # a field the checkpoint lacks was added to describe() later, with the earlier behaviour as default
         current = {k: v for k, v in self.describe().items() if saved is None or k in saved}

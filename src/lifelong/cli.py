@@ -1,0 +1,226 @@
+"""What ``train.py`` and ``eval.py`` share: failing with one message, the run-level options, the run folder.
+
+Bad input fails before anything trains, with one line on stderr and exit status 2, and changes no file that
+was there before: the checks run while the run folder's log is held back (:func:`held_file_logs`), and
+Hydra's record of the config is written only once they pass (:func:`save_config`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import sys
+import typing
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from logging.handlers import MemoryHandler
+from pathlib import Path
+from typing import Any, Literal, NoReturn, TypedDict
+
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
+from lightning.fabric.utilities.exceptions import MisconfigurationException
+from omegaconf import DictConfig, OmegaConf
+
+from lifelong.config import conforms, describe, name_the_key
+from lifelong.errors import ConfigError, LifelongError, RunFolderError
+
+EXIT_BAD_INPUT = 2
+
+
+def exit_with(message: str) -> NoReturn:
+    """Print ``error: message`` on stderr and exit with status 2: the user's input is wrong, not the code."""
+    print(f"\nerror: {message}", file=sys.stderr, flush=True)
+    sys.exit(EXIT_BAD_INPUT)
+
+
+def root_cause(err: BaseException) -> BaseException:
+    """The error inside Hydra's ``InstantiationException`` wrappers."""
+    while isinstance(err, InstantiationException) and err.__cause__ is not None:
+        err = err.__cause__
+    return err
+
+
+# Errors that mean a value is wrong: ours, Python's for a wrong value or type, and Lightning's for a setting
+USER_ERRORS: tuple[type[BaseException], ...] = (LifelongError, ValueError, TypeError, MisconfigurationException)
+
+
+def build_part(path: str, node: DictConfig, **kwargs: Any) -> Any:
+    """``instantiate(node, **kwargs)``, the config node at ``path`` (``"method"``); a constructor's error on a
+    value becomes a :class:`ConfigError` naming the key (see :func:`lifelong.config.name_the_key`)."""
+    try:
+        return instantiate(node, **kwargs)
+    except Exception as err:
+        cause = root_cause(err)
+        if not isinstance(cause, USER_ERRORS):
+            raise
+        values = OmegaConf.to_container(node, resolve=True)
+        assert isinstance(values, dict)
+        raise ConfigError(name_the_key(str(cause), path, {str(k): v for k, v in values.items()})) from cause
+
+
+# ---- the run's own options (conf/train.yaml's top level) -------------------------------------------------------
+class TrainOptions(TypedDict):
+    seed: int
+    epochs_per_task: int
+    reset_optimizer: bool
+    class_outputs: Literal["seen", "all"]
+    ckpt_path: str | None
+    resume: bool
+    overwrite: bool
+    preset: dict[str, Any]
+
+
+GROUPS = ("dataset", "model", "optimizer", "method", "replay", "trainer", "logger")
+SEED_RANGE = (0, 2**32 - 1)  # numpy's, which seed_everything seeds too
+
+
+def check_options(config: Mapping[str, Any]) -> None:
+    """The top-level keys of a resolved ``train.yaml`` config: known, of the right type, in range."""
+    hints = typing.get_type_hints(TrainOptions)
+    for key, value in config.items():
+        if key in GROUPS:
+            continue
+        if key not in hints:
+            raise ConfigError(f"{key} is not an option of train.py; its options: {', '.join(hints)}, and the groups")
+        if not conforms(value, hints[key]):
+            raise ConfigError(f"{key}={value!r}: expected {describe(hints[key])}")
+    lo, hi = SEED_RANGE
+    if not lo <= config["seed"] <= hi:
+        raise ConfigError(f"seed={config['seed']}: must be in [{lo}, {hi}] (numpy's seeds, which the run sets too)")
+    if config["epochs_per_task"] < 1:
+        raise ConfigError(f"epochs_per_task must be at least 1, got {config['epochs_per_task']}")
+    if config.get("resume") and config.get("overwrite"):
+        raise ConfigError("resume=true and overwrite=true contradict each other: keep a run's results, or replace them")
+
+
+# ---- the run folder ----------------------------------------------------------------------------------------------
+# What a run writes into its folder, and what overwrite=true removes (conf/logger's folders included)
+RESULT_FILES = ("metrics.json", "accuracy_matrix.csv", "accuracy_matrix.png", "accuracy_curves.png")
+RESULT_DIRS = ("checkpoints", "tensorboard", "csv")
+
+FolderState = Literal["empty", "unfinished", "finished"]
+
+
+def folder_state(folder: Path) -> FolderState:
+    """``finished`` when a run's results are there (metrics.json is written last), ``unfinished`` when only its
+    checkpoints are, else ``empty``."""
+    if (folder / "metrics.json").is_file():
+        return "finished"
+    if any((folder / "checkpoints").glob("*.ckpt")):
+        return "unfinished"
+    return "empty"
+
+
+def finished_run(folder: Path) -> dict[str, Any]:
+    """A finished run's ``metrics.json`` ({} if it cannot be read)."""
+    try:
+        metrics = json.loads((folder / "metrics.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return metrics if isinstance(metrics, dict) else {}
+
+
+def _summary(folder: Path) -> str:
+    m = finished_run(folder)
+    what = " on ".join(str(m[k]) for k in ("method", "dataset") if m.get(k))
+    if m.get("seed") is not None:
+        what += f", seed {m['seed']}"
+    if isinstance(m.get("avg_accuracy"), (int, float)):
+        what += f": average accuracy {100 * m['avg_accuracy']:.2f} %"
+    return f" ({what.strip(', ')})" if what else ""
+
+
+class RunComplete(RunFolderError):
+    """``resume=true`` on a run that already finished."""
+
+
+def plan_folder(folder: Path, *, resume: bool, overwrite: bool, ckpt_path: str | None) -> FolderState:
+    """Decide what a run may do in ``folder``, before it writes anything; returns the folder's state.
+
+    - empty: go.
+    - unfinished (checkpoints, no results): ``resume=true`` continues it; otherwise refused, since a new run
+      would write over its checkpoints, unless ``overwrite=true``.
+    - finished: ``resume=true`` raises :class:`RunFolderError` saying it is complete (nothing is touched);
+      otherwise refused unless ``overwrite=true``.
+
+    With ``overwrite=true`` the caller clears the previous results (:func:`clear_results`) once every check passed.
+    """
+    state = folder_state(folder)
+    if state == "finished" and resume:
+        raise RunComplete(
+            f"{folder} holds a finished run{_summary(folder)}: there is nothing to resume, and its files are left "
+            "as they were. To train it again, choose a new folder (hydra.run.dir=NEW), or add overwrite=true "
+            "instead of resume=true to replace its results"
+        )
+    if state == "empty" or (state == "unfinished" and resume):
+        return state
+    if not overwrite:
+        finished = state == "finished"
+        held = f"the results of a finished run{_summary(folder)}" if finished else "an unfinished run's checkpoints"
+        proceed = "" if finished else "add resume=true to continue it, "
+        raise RunFolderError(
+            f"{folder} already holds {held}, which this run would overwrite: {proceed}choose a new folder "
+            "(hydra.run.dir=NEW), or add overwrite=true to replace them"
+        )
+    if ckpt_path is not None and Path(ckpt_path).resolve().is_relative_to((folder / "checkpoints").resolve()):
+        raise RunFolderError(
+            f"ckpt_path={ckpt_path} lies in the folder that overwrite=true would clear: copy it elsewhere first, "
+            "or write the new run to another folder (hydra.run.dir=NEW)"
+        )
+    return state
+
+
+def clear_results(folder: Path) -> None:
+    """Remove the results a run writes (``overwrite=true``), and nothing else of the folder."""
+    for name in RESULT_FILES:
+        (folder / name).unlink(missing_ok=True)
+    for name in RESULT_DIRS:
+        if (folder / name).is_dir():
+            shutil.rmtree(folder / name)
+
+
+# ---- logs and Hydra's record ---------------------------------------------------------------------------------
+@contextmanager
+def held_file_logs() -> Iterator[None]:
+    """Hold back what is logged to files (Hydra's ``train.log``) inside the block; written out if the block
+    succeeds, dropped if it raises or exits, so a refused run adds nothing to the folder's log."""
+    root = logging.getLogger()
+    files = [h for h in root.handlers if isinstance(h, logging.FileHandler)]
+    if not files:
+        yield
+        return
+    memory = MemoryHandler(capacity=1_000_000, flushLevel=logging.CRITICAL + 1, target=None, flushOnClose=False)
+    memory.setLevel(min(h.level for h in files))
+    for h in files:
+        root.removeHandler(h)
+    root.addHandler(memory)
+    ok = False
+    try:
+        yield
+        ok = True
+    finally:
+        root.removeHandler(memory)
+        for h in files:
+            root.addHandler(h)
+        if ok:
+            for record in memory.buffer:
+                for h in files:
+                    if record.levelno >= h.level:
+                        h.handle(record)
+        memory.buffer.clear()
+
+
+def save_config(folder: Path, config: DictConfig, hydra_config: DictConfig | None) -> None:
+    """Write ``.hydra/config.yaml``, ``overrides.yaml`` and ``hydra.yaml`` as Hydra does at a job's start.
+
+    ``conf/train.yaml`` turns Hydra's own writing off (``hydra.output_subdir: null``): Hydra writes them before
+    the run can check its folder, which would change a finished run's record on a refused ``resume=true``.
+    """
+    out = folder / ".hydra"
+    out.mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(config, out / "config.yaml")
+    if hydra_config is not None:
+        OmegaConf.save(hydra_config, out / "hydra.yaml")
+        OmegaConf.save(hydra_config.hydra.overrides.task, out / "overrides.yaml")
