@@ -230,7 +230,8 @@ def _prepare(
     ckpt_path = _checkpoint_to_resume(cfg, output_dir, state)
     if ckpt_path is not None:
         ckpt = read_checkpoint(ckpt_path)
-        check_checkpoint(ckpt, ckpt_path, trainer, module, datamodule, info, may_differ=RESUME_MAY_DIFFER)
+        where = f"ckpt_path={ckpt_path}" if cfg.ckpt_path is not None else f"the run's checkpoint {ckpt_path}"
+        check_checkpoint(ckpt, ckpt_path, trainer, module, datamodule, info, RESUME_MAY_DIFFER, where)
     return datamodule, module, trainer, report, ckpt_path, state
 
 

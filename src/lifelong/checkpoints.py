@@ -59,6 +59,7 @@ def check_checkpoint(
     stream: TaskStream,
     info: Mapping[str, Any] | None = None,
     may_differ: Iterable[str] = (),
+    where: str | None = None,
 ) -> None:
     """Raise :class:`ResumeError` unless ``ckpt`` was written by the run that ``trainer`` is about to fit.
 
@@ -66,9 +67,10 @@ def check_checkpoint(
     (``ckpt["lifelong"]["info"]["config"]``, against ``info["config"]``; keys under ``may_differ``, such as the
     hardware, may change between the two, and keys only one side has are options added or removed since), the
     stream (its seed, tasks, scenario, permutations), the callbacks that hold state (the methods), and the
-    network's parameter names and shapes.
+    network's parameter names and shapes. ``where`` names the checkpoint in messages (default
+    ``ckpt_path=PATH``).
     """
-    where = f"ckpt_path={path}"
+    where = where or f"ckpt_path={path}"
     saved_info = ckpt.get("lifelong", {}).get("info", {})
     if info is not None and "config" in saved_info and "config" in info:
         _check_config(where, saved_info, info, tuple(may_differ))
