@@ -36,6 +36,7 @@ from lifelong.cli import (
     exit_with,
     finished_run,
     held_file_logs,
+    node_values,
     plan_folder,
     save_config,
 )
@@ -76,8 +77,11 @@ def main(cfg: DictConfig) -> float | None:
     return run(cfg, Path(hc.runtime.output_dir), dict(hc.runtime.choices), sweep_dir=sweep_dir)
 
 
-def check(cfg: DictConfig) -> None:
-    """Every value of a composed config, before anything is built: types, keys, the run's own options."""
+def check(cfg: DictConfig) -> dict[str, Any]:
+    """Every value of a composed config, before anything is built: types, keys, the run's own options.
+
+    Returns the config resolved (what ``metrics.json`` and the checkpoints record).
+    """
     try:
         values = OmegaConf.to_container(cfg, resolve=True)
     except OmegaConfBaseException as err:  # an interpolation that cannot be resolved; its message names the key
@@ -91,6 +95,7 @@ def check(cfg: DictConfig) -> None:
             f"trainer.{derived[0]} is set by the stream (the trainer's clock is the stream's: num_tasks x "
             "epochs_per_task epochs, evaluated at each task end); set dataset.num_tasks or epochs_per_task instead"
         )
+    return values
 
 
 def build_parts(cfg: DictConfig) -> tuple[TaskStream, list[ContinualMethod]]:
@@ -123,7 +128,7 @@ def build_module(cfg: DictConfig, datamodule: TaskStream, method: ContinualMetho
     try:
         module.configure_optimizers()
     except USER_ERRORS as err:
-        raise ConfigError(name_the_key(str(err), "optimizer", _values(cfg.optimizer))) from None
+        raise ConfigError(name_the_key(str(err), "optimizer", node_values(cfg.optimizer))) from None
     return module
 
 
@@ -143,12 +148,6 @@ def load(datamodule: TaskStream) -> None:
         datamodule.setup("fit")  # loads the data now: a missing file fails before anything else starts
     except ValueError as err:  # a value only the data can check (classes per task, a split too small)
         raise ConfigError(str(err)) from None
-
-
-def _values(node: DictConfig) -> dict[str, Any]:
-    values = OmegaConf.to_container(node, resolve=True)
-    assert isinstance(values, dict)
-    return {str(k): v for k, v in values.items()}
 
 
 def run(cfg: DictConfig, output_dir: Path, choices: dict[str, Any], sweep_dir: Path | None = None) -> float | None:
@@ -198,7 +197,7 @@ def _prepare(
     cfg: DictConfig, output_dir: Path, choices: dict[str, Any]
 ) -> tuple[TaskStream, ContinualClassifier, L.Trainer, StreamReport, str | None, FolderState]:
     """Check everything a run needs, cheapest first, and build its parts; raises ``LifelongError``."""
-    check(cfg)
+    resolved = check(cfg)
     state = plan_folder(output_dir, resume=cfg.resume, overwrite=cfg.overwrite, ckpt_path=cfg.ckpt_path)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     datamodule, callbacks = build_parts(cfg)
@@ -210,7 +209,7 @@ def _prepare(
         "optimizer": choices.get("optimizer"),
         "seed": cfg.seed,
         "epochs_per_task": cfg.epochs_per_task,
-        "config": OmegaConf.to_container(cfg, resolve=True),
+        "config": resolved,
     }
     logger = build_part("logger", cfg.logger) if cfg.get("logger") else False
     try:  # Lightning checks the accelerator, devices and strategy here
@@ -236,7 +235,7 @@ def _prepare(
 
 
 def _trainer_message(err: BaseException, cfg: DictConfig) -> str:
-    message = name_the_key(str(err), "trainer", _values(cfg.trainer))
+    message = name_the_key(str(err), "trainer", node_values(cfg.trainer))
     if str(cfg.trainer.get("accelerator")) in ("gpu", "cuda") and not torch.cuda.is_available():
         message += " (no CUDA GPU is visible to this process: run on the CPU with trainer=cpu, or trainer=ddp_cpu)"
     return message

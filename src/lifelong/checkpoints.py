@@ -16,6 +16,7 @@ from typing import Any
 import lightning as L
 import torch
 
+from lifelong.config import flatten, show
 from lifelong.data.streams import TaskStream
 from lifelong.errors import ResumeError
 
@@ -87,15 +88,15 @@ def check_checkpoint(
 
 
 def _check_config(where: str, saved: Mapping[str, Any], info: Mapping[str, Any], may_differ: tuple[str, ...]) -> None:
-    there, here = _flat(saved["config"]), _flat(info["config"])
+    there, here = flatten(saved["config"]), flatten(info["config"])
     groups = [g for g in ("method", "dataset", "model", "optimizer") if saved.get(g) != info.get(g)]
     diffs = [f"{g}={saved.get(g)} there, {g}={info.get(g)} here" for g in groups]
     settings = [f"{g}={str(saved.get(g)).split('+')[0]}" for g in groups]  # "ewc+reservoir": method=ewc replay=...
     for k in sorted(there.keys() & here.keys()):
         if there[k] == here[k] or any(_under(k, p) for p in (*may_differ, *groups)):
             continue
-        diffs.append(f"{k}={_show(there[k])} there, {_show(here[k])} here")
-        settings.append(f"{k}={_show(there[k])}")
+        diffs.append(f"{k}={show(there[k], quote=False)} there, {show(here[k], quote=False)} here")
+        settings.append(f"{k}={show(there[k], quote=False)}")
     if not diffs:
         return
     raise ResumeError(
@@ -110,26 +111,8 @@ def _listed(diffs: list[str]) -> str:
     return "; ".join(diffs[:MAX_LISTED]) + (f"; and {more} more" if more > 0 else "")
 
 
-def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(tree, Mapping) and tree:
-        out: dict[str, Any] = {}
-        for k, v in tree.items():
-            out.update(_flat(v, f"{prefix}.{k}" if prefix else str(k)))
-        return out
-    return {prefix: tree}
-
-
 def _under(key: str, prefix: str) -> bool:
     return key == prefix or key.startswith(prefix + ".")
-
-
-def _show(value: Any) -> str:
-    """A value as an override writes it: ``null``, ``true``, ``[400,400]``."""
-    if isinstance(value, list):
-        text = "[" + ",".join(_show(v) for v in value) + "]"
-    else:
-        text = "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
-    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def _check_callbacks(where: str, saved: Mapping[str, Any], trainer: L.Trainer) -> None:

@@ -55,9 +55,14 @@ def build_part(path: str, node: DictConfig, **kwargs: Any) -> Any:
         cause = root_cause(err)
         if not isinstance(cause, USER_ERRORS):
             raise
-        values = OmegaConf.to_container(node, resolve=True)
-        assert isinstance(values, dict)
-        raise ConfigError(name_the_key(str(cause), path, {str(k): v for k, v in values.items()})) from cause
+        raise ConfigError(name_the_key(str(cause), path, node_values(node))) from cause
+
+
+def node_values(node: DictConfig) -> dict[str, Any]:
+    """A config node's values, resolved, as plain Python."""
+    values = OmegaConf.to_container(node, resolve=True)
+    assert isinstance(values, dict)
+    return {str(k): v for k, v in values.items()}
 
 
 # ---- the run's own options (conf/train.yaml's top level) -------------------------------------------------------
@@ -89,8 +94,6 @@ def check_options(config: Mapping[str, Any]) -> None:
     lo, hi = SEED_RANGE
     if not lo <= config["seed"] <= hi:
         raise ConfigError(f"seed={config['seed']}: must be in [{lo}, {hi}] (numpy's seeds, which the run sets too)")
-    if config["epochs_per_task"] < 1:
-        raise ConfigError(f"epochs_per_task must be at least 1, got {config['epochs_per_task']}")
     if config.get("resume") and config.get("overwrite"):
         raise ConfigError("resume=true and overwrite=true contradict each other: keep a run's results, or replace them")
 

@@ -74,7 +74,7 @@ def _check_node(path: str, node: Mapping[str, Any]) -> None:
         if _is_node(value) or key not in hints:
             continue  # an object built from its own node (checked on its own), or no annotation to check
         if not conforms(value, hints[key]):
-            raise ConfigError(f"{full}={_show(value)}: expected {describe(hints[key])}, got {_kind(value)}")
+            raise ConfigError(f"{full}={show(value)}: expected {describe(hints[key])}, got {_kind(value)}")
 
 
 def _signature(target: Any) -> tuple[dict[str, inspect.Parameter] | None, dict[str, Any], bool]:
@@ -227,11 +227,25 @@ def _kind(value: Any) -> str:
     return names.get(type(value), "a mapping" if isinstance(value, Mapping) else type(value).__name__)
 
 
-def _show(value: Any) -> str:
-    if value is None or isinstance(value, bool):
-        return {None: "null", True: "true", False: "false"}[value]
-    text = repr(value) if isinstance(value, str) else str(value)
+def show(value: Any, quote: bool = True) -> str:
+    """A value as a command-line override writes it: ``null``, ``true``, ``[400,400]``; strings quoted
+    (``'abc'``, to tell them from numbers) unless ``quote=False``; long ones cut."""
+    if isinstance(value, list):
+        text = "[" + ",".join(show(v, quote) for v in value) + "]"
+    elif value is None or isinstance(value, bool):
+        text = {None: "null", True: "true", False: "false"}[value]
+    else:
+        text = repr(value) if quote and isinstance(value, str) else str(value)
     return text if len(text) <= 60 else text[:57] + "..."
+
+
+def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested config as ``{"method.ewc_lambda": 100, ...}`` (an empty mapping has no keys)."""
+    out: dict[str, Any] = {}
+    for k, v in tree.items():
+        key = f"{prefix}.{k}" if prefix else str(k)
+        out.update(flatten(v, key) if isinstance(v, Mapping) else {key: v})
+    return out
 
 
 def name_the_key(message: str, path: str, node: Mapping[str, Any]) -> str:
@@ -251,7 +265,7 @@ def name_the_key(message: str, path: str, node: Mapping[str, Any]) -> str:
             return message[: found.start()] + f"{path}." + message[found.start() :]
     shown = [k for k in keys if _appears(node[k], message)]
     if len(shown) == 1:
-        return f"{path}.{shown[0]}={_show(node[shown[0]])}: {message}"
+        return f"{path}.{shown[0]}={show(node[shown[0]])}: {message}"
     return f"{path}: {message}"
 
 

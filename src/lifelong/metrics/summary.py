@@ -26,6 +26,8 @@ from typing import Any
 
 from matplotlib.figure import Figure
 
+from lifelong.config import flatten
+
 METRICS = ("avg_accuracy", "bwt", "forgetting", "fwt", "learning_accuracy")
 LABELS = {"avg_accuracy": "ACC", "bwt": "BWT", "forgetting": "forgetting", "fwt": "FWT", "learning_accuracy": "LA"}
 LABELS["task_aware_avg_accuracy"] = "Task-IL ACC"
@@ -84,16 +86,6 @@ def _method_order(method: str) -> tuple[int, str]:
     return ({"finetune": 0, "joint": 2}.get(method, 1), method)
 
 
-def _flat(config: Any, prefix: str = "") -> dict[str, str]:
-    """A nested config as ``{"method.ewc_lambda": "100", ...}`` (values as their JSON text)."""
-    if isinstance(config, dict):
-        out: dict[str, str] = {}
-        for k, v in config.items():
-            out.update(_flat(v, f"{prefix}{k}."))
-        return out
-    return {prefix[:-1]: json.dumps(config)}
-
-
 def _is_hyperparameter(key: str) -> bool:
     return not any(key == k or (k.endswith(".") and key.startswith(k)) for k in NOT_HYPERPARAMETERS)
 
@@ -113,7 +105,7 @@ def collect(root: Path) -> tuple[list[Group], list[str]]:
             continue
         scenario = m.get("scenario") or m.get("stream", {}).get("scenario") or "-"
         key = (str(m.get("dataset")), str(scenario), int(m["num_tasks"]), str(m.get("method")))
-        runs[key].append((path.parent, m, _flat(m.get("config") or {})))
+        runs[key].append((path.parent, m, {k: json.dumps(v) for k, v in flatten(m.get("config") or {}).items()}))
     groups: dict[tuple[Any, ...], Group] = {}
     for key, members in runs.items():
         keys = sorted({k for _, _, c in members for k in c})
