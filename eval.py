@@ -15,10 +15,10 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from lifelong import evaluate
 from lifelong.checkpoints import read_checkpoint
-from lifelong.cli import exit_with
+from lifelong.cli import build, exit_with
 from lifelong.errors import LifelongError
 from lifelong.files import write_atomic
-from train import build
+from lifelong.logs import quiet_lightning
 
 
 def _load(path: str) -> dict[str, Any]:
@@ -33,6 +33,7 @@ def _load(path: str) -> dict[str, Any]:
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="eval")
 def main(cfg: DictConfig) -> None:
+    quiet_lightning()
     ckpt = _load(cfg.ckpt_path)
     info = ckpt["lifelong"]["info"]
     run_cfg = OmegaConf.create(info["config"])

@@ -20,32 +20,33 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from lightning.pytorch.utilities import rank_zero_only
-from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf import DictConfig
 
 from lifelong.callbacks import StreamReport
 from lifelong.checkpoints import check_checkpoint, read_checkpoint
 from lifelong.cli import (
-    GROUPS,
     USER_ERRORS,
     FolderState,
     RunComplete,
+    build_module,
     build_part,
-    check_options,
+    build_parts,
+    check,
     clear_results,
     exit_with,
     finished_run,
     held_file_logs,
+    load,
     node_values,
     plan_folder,
     save_config,
 )
-from lifelong.config import check_targets, name_the_key
+from lifelong.config import name_the_key
 from lifelong.data import TaskStream
 from lifelong.errors import ConfigError, LifelongError
-from lifelong.methods import ContinualMethod, ExperienceReplay
+from lifelong.logs import quiet_lightning
 from lifelong.models import ContinualClassifier
-from lifelong.run import STREAM_TRAINER_ARGS, stream_trainer
+from lifelong.run import stream_trainer
 
 log = logging.getLogger(__name__)
 
@@ -72,82 +73,10 @@ RESUME_MAY_DIFFER = (
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
+    quiet_lightning()
     hc = HydraConfig.get()
     sweep_dir = Path(hc.sweep.dir) if hc.mode == RunMode.MULTIRUN else None
     return run(cfg, Path(hc.runtime.output_dir), dict(hc.runtime.choices), sweep_dir=sweep_dir)
-
-
-def check(cfg: DictConfig) -> dict[str, Any]:
-    """Every value of a composed config, before anything is built: types, keys, the run's own options.
-
-    Returns the config resolved (what ``metrics.json`` and the checkpoints record).
-    """
-    try:
-        values = OmegaConf.to_container(cfg, resolve=True)
-    except OmegaConfBaseException as err:  # an interpolation that cannot be resolved; its message names the key
-        raise ConfigError(str(err).strip()) from None
-    assert isinstance(values, dict)
-    check_options(values)
-    check_targets({k: v for k, v in values.items() if k in GROUPS})
-    derived = sorted(set(cfg.trainer) & set(STREAM_TRAINER_ARGS) - {"enable_progress_bar"})  # that one is read
-    if derived:
-        raise ConfigError(
-            f"trainer.{derived[0]} is set by the stream (the trainer's clock is the stream's: num_tasks x "
-            "epochs_per_task epochs, evaluated at each task end); set dataset.num_tasks or epochs_per_task instead"
-        )
-    return values
-
-
-def build_parts(cfg: DictConfig) -> tuple[TaskStream, list[ContinualMethod]]:
-    """The stream (not yet loaded) and the method callbacks: constructors only, so their checks run first."""
-    datamodule = build_part("dataset", cfg.dataset)
-    method = build_part("method", cfg.method)
-    callbacks = [method]
-    if cfg.get("replay"):
-        if isinstance(method, ExperienceReplay):
-            raise ConfigError("method=er already replays: drop replay=..., or combine replay with another method")
-        callbacks.append(build_part("replay", cfg.replay))
-    return datamodule, callbacks
-
-
-def build_module(cfg: DictConfig, datamodule: TaskStream, method: ContinualMethod) -> ContinualClassifier:
-    """The network and its LightningModule for a loaded stream; the optimizer is built once on its parameters,
-    so that a value only torch checks (``optimizer.lr=-0.1``) fails here, not inside ``fit``."""
-    net = build_part("model", cfg.model, input_shape=datamodule.input_shape, num_classes=datamodule.num_classes)
-    try:
-        net = method.configure_network(net, datamodule)  # e.g. HAT's per-task masks
-    except (ValueError, TypeError) as err:
-        raise ConfigError(str(err)) from None
-    module = ContinualClassifier.for_stream(
-        net,
-        build_part("optimizer", cfg.optimizer),
-        datamodule,
-        reset_optimizer=cfg.reset_optimizer,
-        class_outputs=cfg.class_outputs,
-    )
-    try:
-        module.configure_optimizers()
-    except USER_ERRORS as err:
-        raise ConfigError(name_the_key(str(err), "optimizer", node_values(cfg.optimizer))) from None
-    return module
-
-
-def build(cfg: DictConfig) -> tuple[TaskStream, ContinualClassifier, list[ContinualMethod]]:
-    """The stream (set up: its data loaded), the module and the methods of a composed config (for eval.py).
-
-    Raises ``LifelongError`` on bad values or data.
-    """
-    datamodule, callbacks = build_parts(cfg)
-    load(datamodule)
-    return datamodule, build_module(cfg, datamodule, callbacks[0]), callbacks
-
-
-def load(datamodule: TaskStream) -> None:
-    datamodule.prepare_data()
-    try:
-        datamodule.setup("fit")  # loads the data now: a missing file fails before anything else starts
-    except ValueError as err:  # a value only the data can check (classes per task, a split too small)
-        raise ConfigError(str(err)) from None
 
 
 def run(cfg: DictConfig, output_dir: Path, choices: dict[str, Any], sweep_dir: Path | None = None) -> float | None:
@@ -178,6 +107,12 @@ def run(cfg: DictConfig, output_dir: Path, choices: dict[str, Any], sweep_dir: P
         if cfg.overwrite and state != "empty":
             clear_results(output_dir)  # asked for, and every check passed
         save_config(output_dir, cfg, HydraConfig.instance().cfg if HydraConfig.initialized() else None)
+        info, epochs = report.info, cfg.epochs_per_task
+        start = f"resumed from {ckpt_path}" if ckpt_path else "from the start"
+        log.info(  # the log's first line: what runs, and where its results go
+            f"{info['method']} on {info['dataset']} ({info['scenario']} scenario): {datamodule.num_tasks} tasks x "
+            f"{epochs} epoch{'s' if epochs > 1 else ''}, seed {cfg.seed}, {start}; results in {output_dir}"
+        )
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     except LifelongError as err:  # e.g. a NaN loss
@@ -220,7 +155,7 @@ def _prepare(
             callbacks=callbacks,
             logger=logger,
             info=info,
-            progress_bar=cfg.trainer.get("enable_progress_bar", True),
+            progress_bar=cfg.trainer.get("enable_progress_bar"),
         )
     except USER_ERRORS as err:
         raise ConfigError(_trainer_message(err, cfg)) from None

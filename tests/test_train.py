@@ -8,6 +8,7 @@ import statistics
 import pytest
 import torch
 
+from lifelong.logs import LIGHTNING_CHATTER
 from tests.conftest import QUIET, ewc_state, load_checkpoint, read_metrics, run_train
 
 
@@ -88,14 +89,24 @@ def test_run_folder_holds_the_output_contract(fashion_runs):
 
 
 @pytest.mark.integration
-def test_default_stream_prints_the_matrix(tmp_path, mnist_root):
-    args = [f"dataset.root={mnist_root}", "dataset.num_tasks=2", "dataset.max_train_samples=5000", *QUIET]
-    proc = run_train(args, tmp_path / "run")
+def test_a_run_logged_to_a_file_reads_as_a_log(tmp_path, mnist_root):
+    """Output to a file or a pipe (a cluster job, ``make train > log``): no progress bar, none of Lightning's tips
+    or known warnings; a line saying what runs, one line per task, the matrix and the summary."""
+    args = [f"dataset.root={mnist_root}", "dataset.num_tasks=3", "dataset.max_train_samples=8000"]
+    proc = run_train(args, tmp_path / "run")  # stdout and stderr are pipes: the progress bar's default is off
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "Accuracy matrix" in proc.stdout and "average accuracy" in proc.stdout
+    out = proc.stdout + proc.stderr
+    assert "\r" not in out and "it/s" not in out
+    for chatter in (*LIGHTNING_CHATTER, "LeafSpec", "Warning", "warn("):
+        assert chatter not in out
+    lines = out.splitlines()
+    assert lines[0].startswith("ewc on permuted_mnist (domain scenario): 3 tasks x 1 epoch, seed 0, from the start")
+    assert [line[:15] for line in lines if line.startswith("after task")] == [f"after task {i}/3:" for i in (1, 2, 3)]
+    assert "Accuracy matrix" in out and "average accuracy" in out
+    assert len(lines) <= 20, out  # 27 for the default 10-task run
     m = read_metrics(tmp_path / "run")
     assert (m["method"], m["dataset"]) == ("ewc", "permuted_mnist")
-    assert m["accuracy_matrix"][0][0] > 0.85  # MNIST after 5,000 samples with the 2 x 400 MLP
+    assert m["accuracy_matrix"][0][0] > 0.85  # MNIST after 8,000 samples with the 2 x 400 MLP
 
 
 @pytest.mark.integration

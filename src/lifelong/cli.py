@@ -1,4 +1,5 @@
-"""What ``train.py`` and ``eval.py`` share: failing with one message, the run-level options, the run folder.
+"""What ``train.py`` and ``eval.py`` share: failing with one message, checking a composed config and building
+its parts, the run folder.
 
 Bad input fails before anything trains, with one line on stderr and exit status 2, and changes no file that
 was there before: the checks run while the run folder's log is held back (:func:`held_file_logs`), and
@@ -22,9 +23,14 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
-from lifelong.config import conforms, describe, name_the_key
+from lifelong.config import check_targets, conforms, describe, name_the_key
+from lifelong.data import TaskStream
 from lifelong.errors import ConfigError, LifelongError, RunFolderError
+from lifelong.methods import ContinualMethod, ExperienceReplay
+from lifelong.models import ContinualClassifier
+from lifelong.run import STREAM_TRAINER_ARGS
 
 EXIT_BAD_INPUT = 2
 
@@ -98,10 +104,84 @@ def check_options(config: Mapping[str, Any]) -> None:
         raise ConfigError("resume=true and overwrite=true contradict each other: keep a run's results, or replace them")
 
 
+# ---- a run's parts, from its config ---------------------------------------------------------------------------
+def check(cfg: DictConfig) -> dict[str, Any]:
+    """Every value of a composed config, before anything is built: types, keys, the run's own options.
+
+    Returns the config resolved (what ``metrics.json`` and the checkpoints record).
+    """
+    try:
+        values = node_values(cfg)
+    except OmegaConfBaseException as err:  # an interpolation that cannot be resolved; its message names the key
+        raise ConfigError(str(err).strip()) from None
+    check_options(values)
+    check_targets({k: v for k, v in values.items() if k in GROUPS})
+    derived = sorted(set(cfg.trainer) & set(STREAM_TRAINER_ARGS) - {"enable_progress_bar"})  # that one is read
+    if derived:
+        raise ConfigError(
+            f"trainer.{derived[0]} is set by the stream (the trainer's clock is the stream's: num_tasks x "
+            "epochs_per_task epochs, evaluated at each task end); set dataset.num_tasks or epochs_per_task instead"
+        )
+    return values
+
+
+def build_parts(cfg: DictConfig) -> tuple[TaskStream, list[ContinualMethod]]:
+    """The stream (not yet loaded) and the method callbacks: constructors only, so their checks run first."""
+    datamodule = build_part("dataset", cfg.dataset)
+    method = build_part("method", cfg.method)
+    callbacks = [method]
+    if cfg.get("replay"):
+        if isinstance(method, ExperienceReplay):
+            raise ConfigError("method=er already replays: drop replay=..., or combine replay with another method")
+        callbacks.append(build_part("replay", cfg.replay))
+    return datamodule, callbacks
+
+
+def build_module(cfg: DictConfig, datamodule: TaskStream, method: ContinualMethod) -> ContinualClassifier:
+    """The network and its LightningModule for a loaded stream; the optimizer is built once on its parameters,
+    so that a value only torch checks (``optimizer.lr=-0.1``) fails here, not inside ``fit``."""
+    net = build_part("model", cfg.model, input_shape=datamodule.input_shape, num_classes=datamodule.num_classes)
+    try:
+        net = method.configure_network(net, datamodule)  # e.g. HAT's per-task masks
+    except (ValueError, TypeError) as err:
+        raise ConfigError(str(err)) from None
+    module = ContinualClassifier.for_stream(
+        net,
+        build_part("optimizer", cfg.optimizer),
+        datamodule,
+        reset_optimizer=cfg.reset_optimizer,
+        class_outputs=cfg.class_outputs,
+    )
+    try:
+        module.configure_optimizers()
+    except USER_ERRORS as err:
+        raise ConfigError(name_the_key(str(err), "optimizer", node_values(cfg.optimizer))) from None
+    return module
+
+
+def build(cfg: DictConfig) -> tuple[TaskStream, ContinualClassifier, list[ContinualMethod]]:
+    """The stream (set up: its data loaded), the module and the methods of a composed config (eval.py's).
+
+    Raises ``LifelongError`` on bad values or data.
+    """
+    datamodule, callbacks = build_parts(cfg)
+    load(datamodule)
+    return datamodule, build_module(cfg, datamodule, callbacks[0]), callbacks
+
+
+def load(datamodule: TaskStream) -> None:
+    datamodule.prepare_data()
+    try:
+        datamodule.setup("fit")  # loads the data now: a missing file fails before anything else starts
+    except ValueError as err:  # a value only the data can check (classes per task, a split too small)
+        raise ConfigError(str(err)) from None
+
+
 # ---- the run folder ----------------------------------------------------------------------------------------------
-# What a run writes into its folder, and what overwrite=true removes (conf/logger's folders included)
+# What a run writes into its folder, and what overwrite=true removes (conf/logger's folders included; an
+# MLflow store is shared by runs and lies outside it)
 RESULT_FILES = ("metrics.json", "accuracy_matrix.csv", "accuracy_matrix.png", "accuracy_curves.png")
-RESULT_DIRS = ("checkpoints", "tensorboard", "csv")
+RESULT_DIRS = ("checkpoints", "tensorboard", "csv", "wandb")
 
 FolderState = Literal["empty", "unfinished", "finished"]
 

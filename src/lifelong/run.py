@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -41,7 +42,7 @@ def stream_trainer(
     callbacks: Sequence[Callback] = (),
     logger: Logger | bool | None = None,
     info: dict[str, Any] | None = None,
-    progress_bar: bool = True,
+    progress_bar: bool | None = None,
 ) -> tuple[L.Trainer, StreamReport]:
     """A Trainer that runs ``datamodule``'s whole stream in one ``fit``.
 
@@ -61,7 +62,8 @@ def stream_trainer(
         callbacks: the methods (``ContinualMethod`` callbacks) and any other callbacks.
         logger: a Lightning logger, or ``False`` for none.
         info: identifying fields written into ``metrics.json`` (method, dataset, seed, ...).
-        progress_bar: show the task-aware progress bar.
+        progress_bar: show the task-aware progress bar; ``None`` (default): when stderr is a terminal. A run whose
+            output goes to a file logs one line per task instead of hundreds of bar updates.
 
     Returns:
         The trainer and the report callback (its ``metrics`` hold the results once ``fit`` returns).
@@ -82,6 +84,8 @@ def stream_trainer(
     extra: list[Callback] = [report, per_task]
     if epochs > 1:  # also after every epoch inside a task
         extra.append(ModelCheckpoint(dirpath=ckpt_dir, save_top_k=0, save_last=True, save_on_train_epoch_end=True))
+    if progress_bar is None:
+        progress_bar = sys.stderr.isatty()
     if progress_bar:
         extra.append(TaskProgressBar())
     derived = dict(
