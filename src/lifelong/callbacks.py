@@ -14,12 +14,13 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import TQDMProgressBar
-from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
 from lightning.pytorch.utilities import rank_zero_only
 from typing_extensions import override
 
 from lifelong.data.streams import stream_of
 from lifelong.files import atomic_open, save_atomic, write_atomic
+from lifelong.loggers import log_config, log_results
 from lifelong.metrics.continual import summarize
 from lifelong.metrics.plots import accuracy_curves, accuracy_heatmap
 
@@ -30,11 +31,16 @@ class TaskProgressBar(TQDMProgressBar):
     """Lightning's progress bar, labelled with the task as well as the epoch: ``Task 3/10 · epoch 1/2``.
 
     Redrawn every ``refresh_rate`` batches (default 10: at hundreds of small steps a second, redrawing at
-    every step costs several percent of the training time).
+    every step costs several percent of the training time). Testing every task at a task's end takes a moment
+    and 2 x num_tasks loaders, so it has no bar of its own; its result is the log line after each task.
     """
 
     def __init__(self, refresh_rate: int = 10, **kwargs: Any) -> None:
         super().__init__(refresh_rate=refresh_rate, **kwargs)
+
+    @override
+    def init_validation_tqdm(self) -> Tqdm:
+        return Tqdm(disable=True)
 
     @override
     def on_train_epoch_start(self, trainer: L.Trainer, *args: Any) -> None:
@@ -55,9 +61,10 @@ class StreamReport(L.Callback):
     """Writes the run's results when the stream ends (rank 0 only).
 
     Files in ``output_dir``: ``metrics.json`` (the output contract of the README), ``accuracy_matrix.csv``,
-    ``accuracy_matrix.png`` (heatmap) and ``accuracy_curves.png`` (each task's accuracy along the stream);
-    in TensorBoard, both figures and the summary metrics as ``test/<metric>`` and, with a validation split,
-    ``val/<metric>``. Each file is written atomically, and ``metrics.json`` last: its presence means the run
+    ``accuracy_matrix.png`` (heatmap) and ``accuracy_curves.png`` (each task's accuracy along the stream); in the
+    trainer's loggers, the run's config at the start and, at the end, the summary metrics as ``test/<metric>``
+    and, with a validation split, ``val/<metric>``, with the figures (:mod:`lifelong.loggers`). Each file is
+    written atomically, and ``metrics.json`` last: its presence means the run
     finished and every other result is complete.
 
     ``wall_time_s`` is the training time of the whole stream: a resumed run adds its time to the time recorded
@@ -79,6 +86,7 @@ class StreamReport(L.Callback):
     @override
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._start = time.perf_counter()
+        log_config(trainer.loggers, self.info)
 
     def elapsed(self) -> float:
         """Seconds of training so far, over every run that trained this stream."""
@@ -132,21 +140,20 @@ class StreamReport(L.Callback):
             for i, row in enumerate(rows.tolist()):
                 writer.writerow([i + 1, *[f"{v:.6f}" for v in row]])
         title = f"{self.info.get('method', '')} on {self.info.get('dataset', '')}".strip()
-        tb = next((lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)), None)
-        step = trainer.global_step
-        for name, make in (("accuracy_matrix", accuracy_heatmap), ("accuracy_curves", accuracy_curves)):
-            fig = make(rows, title)
+        figures = {"accuracy_matrix": accuracy_heatmap(rows, title), "accuracy_curves": accuracy_curves(rows, title)}
+        for name, fig in figures.items():
             save_atomic(out / f"{name}.png", functools.partial(fig.savefig, format="png"))
-            if tb is not None:
-                tb.experiment.add_figure(name, fig, global_step=step, close=False)
-            fig.clf()
-        if tb is not None:
-            for split, prefix in (("test", ""), ("val", "val_")):
-                for key in SUMMARY_KEYS:
-                    if self.metrics.get(prefix + key) is not None:
-                        tb.experiment.add_scalar(f"{split}/{key}", self.metrics[prefix + key], step)
-            tb.experiment.flush()
         write_atomic(out / "metrics.json", json.dumps(self.metrics, indent=2) + "\n")  # last: the run is complete
+        scalars = {
+            f"{split}/{key}": self.metrics[prefix + key]
+            for split, prefix in (("test", ""), ("val", "val_"))
+            for key in SUMMARY_KEYS
+            if self.metrics.get(prefix + key) is not None
+        }
+        files = [out / name for name in ("metrics.json", "accuracy_matrix.csv", *(f"{f}.png" for f in figures))]
+        log_results(trainer.loggers, scalars, figures, files, trainer.global_step)
+        for fig in figures.values():
+            fig.clf()
         _print_summary(self.metrics, out)
 
 
