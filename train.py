@@ -2,7 +2,7 @@
 
 A thin Hydra entry point: it composes the config (conf/), checks it, instantiates the parts and fits them
 (see :func:`lifelong.stream_trainer`). Only this file knows about Hydra; the library takes plain values.
-Every check runs before anything trains or is written (README, "Bad input").
+Every check runs before anything trains or is written (docs/running.md, "Bad input").
 """
 
 from __future__ import annotations

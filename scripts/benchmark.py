@@ -4,7 +4,7 @@
     python scripts/benchmark.py --sections train fisher tasks
     python scripts/benchmark.py --e2e-tasks 3         # a shorter end-to-end comparison
 
-Sections (README, "Performance", holds the table of the last full run):
+Sections (docs/performance.md holds the table of the last full run):
 
 * ``train``: one epoch of permuted MNIST (MLP 2 x 400, batch 128, SGD) through our Lightning path (the real
   TaskStream, ContinualClassifier, Trainer with progress bar and TensorBoard) against a minimal hand-written

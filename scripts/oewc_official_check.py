@@ -1,6 +1,6 @@
 """Online EWC on P-MNIST written as the official DER code (Mammoth's ``ewc_on``) does it, without lifelong.
 
-An independent check of the README's P-MNIST oEWC row: plain PyTorch and torchvision's MNIST, 20 permutations,
+An independent check of docs/experiments.md's P-MNIST oEWC row: plain PyTorch and torchvision's MNIST, 20 permutations,
 MLP 784-100-100-10 (Xavier-uniform, zero biases), pixels in [0, 1], plain SGD at batch 128, 1 epoch a task.
 At each task end the Fisher is taken per sample, each squared gradient of log p(y|x) weighted by p(y|x), and
 divided by (number of batches x batch size); the Fisher sums over tasks (gamma 1) and the anchor is the latest

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Buzzega et al. (2020) MNIST table: Seq-MNIST (class scenario) and P-MNIST (domain scenario, 20 tasks), with
 # each method's best hyperparameters from the official code (chosen there on validation data; see
-# ../shared/reference/der2020.md and the README). Nothing here was tuned on test data.
+# ../shared/reference/der2020.md and docs/experiments.md). Nothing here was tuned on test data.
 #   bash scripts/reproduce_der2020.sh [SEEDS] [JOBS]        # default: 10 seeds, 2 parallel jobs
 #   FIRST_SEED=5 bash scripts/reproduce_der2020.sh 10       # seeds 5..9 only: extends a finished 5-seed run
 #   BENCHES="seq_mnist" BUFFERS="200 500" bash scripts/reproduce_der2020.sh 10
@@ -59,8 +59,8 @@ for bench in $BENCHES; do
   else
     run $bench sgd method=finetune optimizer.lr=0.2
     run $bench oewc method=online_ewc method.ewc_lambda=1.4 method.decay=1.0 method.fisher_type=weighted optimizer.lr=0.1
-    # their lambda gives 17 points less than their table (README); 14 was selected on validation data (10 % of
-    # each task held out, seeds 0-2, of 1.4 / 4.2 / 14 / 42: see the README's P-MNIST section)
+    # their lambda gives 17 points less than their table (docs/experiments.md); 14 was selected on validation data (10 % of
+    # each task held out, seeds 0-2, of 1.4 / 4.2 / 14 / 42: see docs/experiments.md's P-MNIST section)
     run $bench oewc_selected method=online_ewc method.ewc_lambda=14 method.decay=1.0 method.fisher_type=weighted \
       optimizer.lr=0.1
     run $bench si method=si method.si_c=0.5 method.xi=1.0 optimizer.lr=0.1

@@ -37,7 +37,9 @@ def test_every_group_has_options():
 
 
 @pytest.mark.parametrize(("group", "option"), OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
-def test_option_composes_and_instantiates(tmp_path, group, option):
+def test_option_composes_and_instantiates(tmp_path, monkeypatch, group, option):
+    monkeypatch.chdir(tmp_path)  # logger=mlflow opens its local store, mlruns/, in the working directory
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     cfg = _compose(tmp_path, [f"{group}={option}"])
     dm = instantiate(cfg.dataset)
     assert isinstance(dm, TaskStream)
@@ -48,6 +50,8 @@ def test_option_composes_and_instantiates(tmp_path, group, option):
     assert isinstance(instantiate(cfg.method), ContinualMethod)
     if cfg.get("logger"):
         instantiate(cfg.logger)
+        if option == "mlflow":
+            assert (tmp_path / "mlruns" / "mlflow.db").is_file()
     trainer = instantiate(cfg.trainer)
     if option not in NEEDS_GPU or torch.cuda.is_available():
         assert isinstance(trainer(logger=False, max_epochs=1), L.Trainer)

@@ -73,7 +73,7 @@ def test_separate_penalty_value_and_gradient_match_the_sum_over_tasks():
 def test_penalty_is_zero_at_a_single_anchor():
     """Exactly zero, not zero up to round-off: Adam scales each parameter's gradient by its own running size,
     so round-off where the true gradient is zero (``Omega * theta - Omega * theta-bar``) becomes full steps
-    away from the anchor. With that form EWC lost 1.4 points on permuted Fashion-MNIST (README)."""
+    away from the anchor. With that form EWC lost 1.4 points on permuted Fashion-MNIST (docs/experiments.md)."""
     module = Holder()
     with torch.no_grad():
         for p in module.parameters():

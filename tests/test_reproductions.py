@@ -1,9 +1,9 @@
-"""The README's reproduction rows come out of their own commands (slow: full data, run with `make test-all`).
+"""docs/experiments.md's reproduction rows come out of their own commands (slow: full data, run with `make test-all`).
 
 A run on another machine (other thread counts, another BLAS) follows another trajectory after the first
-round-off that differs, so it varies as another seed does. The tolerances are drawn from the README's own
-spread over seeds: a mean of n seeds must land within 2 standard errors (2 std / sqrt(n)) of the README's mean,
-a single seed within 3 std, plus half a point of the README's rounding.
+round-off that differs, so it varies as another seed does. The tolerances are drawn from docs/experiments.md's own
+spread over seeds: a mean of n seeds must land within 2 standard errors (2 std / sqrt(n)) of docs/experiments.md's mean,
+a single seed within 3 std, plus half a point of docs/experiments.md's rounding.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ def _check_mean(got: list[float], mean: float, std: float, what: str) -> None:
 def test_permuted_mnist_10_ewc_reproduces_the_readme_row(mnist_root, tmp_path):
     """`experiment=permuted_mnist_10 method=ewc` (lambda 500, selected on validation), seed 0.
 
-    README: ACC 95.19 ± 0.15 %, BWT -1.11 ± 0.11 % over seeds 0-4 (about 5 minutes a run on 2 cores).
+    Results page: ACC 95.19 ± 0.15 %, BWT -1.11 ± 0.11 % over seeds 0-4 (about 5 minutes a run on 2 cores).
     """
     m = compose_run(["experiment=permuted_mnist_10", "method=ewc", "seed=0", f"dataset.root={mnist_root}"], tmp_path)
     assert m["num_tasks"] == 10 and m["config"]["method"]["ewc_lambda"] == 500
@@ -46,7 +46,7 @@ def _seeds(overrides: list[str], root, tmp_path, n: int = 5) -> list[dict]:
 
 @pytest.mark.slow
 def test_der2020_seq_mnist_derpp_500_reproduces_the_readme_row(mnist_root, tmp_path):
-    """Seq-MNIST, DER++ with 500 samples, seeds 0-4. README (10 seeds): Class-IL 91.15 ± 0.65 %, Task-IL
+    """Seq-MNIST, DER++ with 500 samples, seeds 0-4. docs/experiments.md (10 seeds): Class-IL 91.15 ± 0.65 %, Task-IL
     98.87 ± 0.16 %."""
     runs = _seeds(["experiment=der2020_seq_mnist", *DERPP_500, "method.replay_batch_size=10"], mnist_root, tmp_path)
     _check_mean([m["avg_accuracy"] for m in runs], 0.9115, 0.0065, "class-IL")
@@ -55,7 +55,7 @@ def test_der2020_seq_mnist_derpp_500_reproduces_the_readme_row(mnist_root, tmp_p
 
 @pytest.mark.slow
 def test_der2020_perm_mnist_derpp_500_reproduces_the_readme_row(mnist_root, tmp_path):
-    """P-MNIST (20 tasks, domain scenario), DER++ with 500 samples, seeds 0-4. README (10 seeds): 88.02 ± 0.49 %."""
+    """P-MNIST (20 tasks, domain scenario), DER++ 500, seeds 0-4. Results page (10 seeds): 88.02 ± 0.49 %."""
     overrides = ["experiment=der2020_perm_mnist", *DERPP_500, "method.replay_batch_size=128", "optimizer.lr=0.2"]
     runs = _seeds(overrides, mnist_root, tmp_path)
     assert all(m["scenario"] == "domain" and m["num_tasks"] == 20 for m in runs)

@@ -60,7 +60,7 @@ def _num(x: float | None) -> float | None:
 class StreamReport(L.Callback):
     """Writes the run's results when the stream ends (rank 0 only).
 
-    Files in ``output_dir``: ``metrics.json`` (the output contract of the README), ``accuracy_matrix.csv``,
+    Files in ``output_dir``: ``metrics.json`` (the output contract: docs/getting-started.md), ``accuracy_matrix.csv``,
     ``accuracy_matrix.png`` (heatmap) and ``accuracy_curves.png`` (each task's accuracy along the stream); in the
     trainer's loggers, the run's config at the start and, at the end, the summary metrics as ``test/<metric>``
     and, with a validation split, ``val/<metric>``, with the figures (:mod:`lifelong.loggers`). Each file is

@@ -317,7 +317,8 @@ def load_image_dataset(
 
     Args:
         name: one of :data:`SOURCES`, or ``image_folder:PATH``.
-        root, download: see :func:`find_image_dataset`.
+        root: see :func:`find_image_dataset`.
+        download: see :func:`find_image_dataset`.
         size: ``(H, W)`` at which datasets of one file per image (GTSRB, image folders) are read; default
             32 x 32. Datasets held in arrays keep their size.
 

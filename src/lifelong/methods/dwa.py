@@ -7,7 +7,7 @@ softly: a loss keeps the masks small on weights with a high Fisher value for ear
 loss pulls a task's embeddings together and away from other tasks'.
 
 The choices lifelong makes where the paper and its code (felixnext/dwa) differ, and the code's bugs it
-fixes, are listed in the README ("DWA: what lifelong implements").
+fixes, are listed in the docs/methods.md ("DWA: what lifelong implements").
 """
 
 from __future__ import annotations
@@ -429,7 +429,12 @@ class DWA(ContinualMethod):
     equal to one process's.
 
     Args:
-        stem_layers, emb_size, processor_features, gate, chunk_elements, paper_init: see :class:`DWANet`.
+        stem_layers: see :class:`DWANet`.
+        emb_size: see :class:`DWANet`.
+        processor_features: see :class:`DWANet`.
+        gate: see :class:`DWANet`.
+        chunk_elements: see :class:`DWANet`.
+        paper_init: see :class:`DWANet`.
         lambda_emb: :math:`\lambda_1` (20).
         lambda_attention: :math:`\lambda_2` (0.1).
         lambda_sparsity: :math:`\lambda_3` (500).

@@ -107,7 +107,7 @@ class QuadraticRegularizer(ContinualMethod):
         theta-bar`` (one pass fewer) leaves the float32 round-off of ``Omega * theta`` where the true
         gradient is near zero, and Adam divides each parameter's gradient by its own running scale: that
         round-off became full-size steps of weights the penalty should hold still, and cost EWC 1.4 points
-        of average accuracy on permuted Fashion-MNIST (README, "Results").
+        of average accuracy on permuted Fashion-MNIST (docs/experiments.md).
         """
         params = self._param_list(pl_module)
         for p in params:
