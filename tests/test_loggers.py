@@ -137,3 +137,20 @@ def test_wandb_stays_offline_without_an_account(tmp_path, monkeypatch):
     assert not wandb_offline()  # logged in with `wandb login`
     monkeypatch.setenv("WANDB_MODE", "offline")
     assert not wandb_offline()  # W&B's own setting decides
+
+
+@pytest.mark.parametrize(("logger", "module"), [("wandb", "wandb"), ("mlflow", "mlflow"), ("mlflow", "sqlalchemy")])
+def test_a_tracker_not_installed_is_named_with_its_extra(tmp_path, monkeypatch, logger, module):
+    import importlib.util
+
+    from lifelong.errors import ConfigError
+    from lifelong.loggers import MLflowStreamLogger, WandbStreamLogger
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == module else find_spec(name, *a))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    with pytest.raises(ConfigError, match=rf"logger={logger} needs the {module} package.*lifelong\[{logger}\]"):
+        if logger == "wandb":
+            WandbStreamLogger(save_dir=str(tmp_path))
+        else:
+            MLflowStreamLogger(store=str(tmp_path / "mlruns"))

@@ -60,12 +60,12 @@ def _num(x: float | None) -> float | None:
 class StreamReport(L.Callback):
     """Writes the run's results when the stream ends (rank 0 only).
 
-    Files in ``output_dir``: ``metrics.json`` (the output contract: docs/getting-started.md), ``accuracy_matrix.csv``,
-    ``accuracy_matrix.png`` (heatmap) and ``accuracy_curves.png`` (each task's accuracy along the stream); in the
-    trainer's loggers, the run's config at the start and, at the end, the summary metrics as ``test/<metric>``
-    and, with a validation split, ``val/<metric>``, with the figures (:mod:`lifelong.loggers`). Each file is
-    written atomically, and ``metrics.json`` last: its presence means the run
-    finished and every other result is complete.
+    Files in ``output_dir``: ``metrics.json`` (the output contract, docs/getting-started.md),
+    ``accuracy_matrix.csv``, ``accuracy_matrix.png`` (heatmap) and ``accuracy_curves.png`` (each task's accuracy
+    along the stream). Each file is written atomically, and ``metrics.json`` last: its presence means the run
+    finished and every other result is complete. In the trainer's loggers: the run's config at the start and,
+    at the end, the summary metrics as ``test/<metric>`` and, with a validation split, ``val/<metric>``, with
+    the figures (:mod:`lifelong.loggers`).
 
     ``wall_time_s`` is the training time of the whole stream: a resumed run adds its time to the time recorded
     in the checkpoint it resumed from. The time between the two runs is not counted; an interrupted epoch,

@@ -17,6 +17,7 @@ record of the run: a tracker that fails to take the results is reported and the 
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 from collections.abc import Iterable, Mapping
@@ -28,7 +29,18 @@ from lightning.pytorch.utilities import rank_zero_only
 from matplotlib.figure import Figure
 from typing_extensions import override
 
+from lifelong.errors import ConfigError
+
 log = logging.getLogger(__name__)
+
+
+def _require(module: str, extra: str) -> None:
+    """A tracker's package, or a message saying how to install it (``logger=wandb`` without W&B installed)."""
+    if importlib.util.find_spec(module) is None:
+        raise ConfigError(
+            f"logger={extra} needs the {module} package, which is not installed: pip install 'lifelong[{extra}]' "
+            "(make install installs it), or choose another logger (logger=tensorboard, csv or none)"
+        )
 
 
 def wandb_offline() -> bool:
@@ -69,6 +81,7 @@ class WandbStreamLogger(WandbLogger):
         offline: bool | None = None,
         **kwargs: Any,
     ) -> None:
+        _require("wandb", "wandb")
         import wandb
 
         offline = wandb_offline() if offline is None else offline
@@ -113,8 +126,10 @@ class MLflowStreamLogger(MLFlowLogger):
         store: str = "mlruns",
         **kwargs: Any,
     ) -> None:
+        _require("mlflow", "mlflow")
         tracking_uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
         if not tracking_uri:
+            _require("sqlalchemy", "mlflow")  # MLflow's SQLite store
             folder = Path(store).absolute()
             folder.mkdir(parents=True, exist_ok=True)
             tracking_uri = f"sqlite:///{folder / 'mlflow.db'}"
