@@ -46,9 +46,7 @@ def _require(module: str, extra: str) -> None:
 def wandb_offline() -> bool:
     """Whether a W&B run should stay offline: yes unless an API key is configured (``WANDB_API_KEY``, or the
     netrc entry ``wandb login`` writes). ``WANDB_MODE``, when set, is left to decide (W&B reads it)."""
-    if os.environ.get("WANDB_MODE"):
-        return False
-    if os.environ.get("WANDB_API_KEY"):
+    if os.environ.get("WANDB_MODE") or os.environ.get("WANDB_API_KEY"):
         return False
     try:  # not wandb.login(prompt=False): it leaves W&B requiring a key for the offline run that follows
         import wandb
