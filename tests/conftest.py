@@ -79,15 +79,11 @@ def ewc_state(checkpoint: dict) -> dict:
     return state
 
 
-def compose_run(overrides: list[str], run_dir: Path) -> dict:
-    """Compose ``conf/train.yaml`` with ``overrides`` and run it in this process (as ``train.py`` does);
-    returns the run's ``metrics.json``. In-process, so monkeypatched fixtures apply and no interpreter starts.
-    """
+def compose_train(overrides: list[str], run_dir: Path):
+    """``conf/train.yaml`` composed with ``overrides`` as ``train.py`` receives it; returns ``(cfg, choices)``."""
     from hydra import compose, initialize_config_dir
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import open_dict
-
-    import train
 
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         cfg = compose("train", overrides=[*overrides, "trainer.enable_progress_bar=false"], return_hydra_config=True)
@@ -97,8 +93,34 @@ def compose_run(overrides: list[str], run_dir: Path) -> dict:
     choices = dict(cfg.hydra.runtime.choices)
     with open_dict(cfg):
         del cfg["hydra"]
+    return cfg, choices
+
+
+def compose_run(overrides: list[str], run_dir: Path) -> dict:
+    """Compose ``conf/train.yaml`` with ``overrides`` and run it in this process (as ``train.py`` does);
+    returns the run's ``metrics.json``. In-process, so monkeypatched fixtures apply and no interpreter starts.
+    """
+    import train
+
+    cfg, choices = compose_train(overrides, run_dir)
     train.run(cfg, run_dir, choices)
     return read_metrics(run_dir)
+
+
+def refused_run(overrides: list[str], run_dir: Path, capsys, code: int = 2) -> str:
+    """Run in this process as :func:`compose_run` does, expecting train.py's refusal: exit ``code`` and one
+    ``error:`` line on stderr, which is returned."""
+    import train
+
+    cfg, choices = compose_train(overrides, run_dir)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        train.run(cfg, run_dir, choices)
+    assert exit_info.value.code == code
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
 
 
 METHODS = ("finetune", "ewc", "l2", "si", "mas", "lwf", "er", "hat")
@@ -119,6 +141,77 @@ def split_fashion_runs(tmp_path_factory, fashion_available) -> dict:
             overrides = [f"method={method}", "dataset=split_fashion_mnist", f"dataset.scenario={scenario}", "seed=0"]
             runs[scenario, method] = compose_run([*overrides, "logger=none"], base / f"{scenario}_{method}")
     return runs
+
+
+# ---- small fixtures in the real on-disk formats of MNIST and Fashion-MNIST (IDX) ---------------------------------
+def write_idx(folder: Path, n: int = 20, gz: bool = False, size: int = 28, seed: int = 0) -> None:
+    """A tiny dataset in the real IDX format (what torchvision's MNIST classes read): ``n`` training and
+    ``n // 2`` test images of ``size`` x ``size``, labels cycling through the 10 classes."""
+    import gzip
+    import struct
+
+    import torch
+
+    folder.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator().manual_seed(seed)
+    for split, count in (("train", n), ("t10k", n // 2)):
+        images = torch.randint(0, 256, (count, size, size), generator=g, dtype=torch.uint8)
+        labels = torch.arange(count, dtype=torch.uint8) % 10
+        files = {
+            f"{split}-images-idx3-ubyte": struct.pack(">IIII", 2051, count, size, size) + images.numpy().tobytes(),
+            f"{split}-labels-idx1-ubyte": struct.pack(">II", 2049, count) + labels.numpy().tobytes(),
+        }
+        for name, payload in files.items():
+            if gz:
+                with gzip.open(folder / f"{name}.gz", "wb") as f:
+                    f.write(payload)
+            else:
+                (folder / name).write_bytes(payload)
+
+
+# ---- one image file per sample: GTSRB and torchvision's ImageFolder layout -----------------------------------------
+def _image(rng, label: int, size: tuple[int, int], grey: bool = False):
+    """Noise of ``size`` (W, H) whose top-left quarter encodes the label (so tests can check labels and layout)."""
+    import numpy as np
+    from PIL import Image
+
+    w, h = size
+    pixels = rng.integers(0, 256, size=(h, w) if grey else (h, w, 3), dtype=np.uint8)
+    pixels[: h // 2, : w // 2] = (40 * label) % 256
+    return Image.fromarray(pixels, mode="L" if grey else "RGB")
+
+
+def write_image_folder(folder, classes: int = 3, per_class: int = 10, grey: bool = True, seed: int = 0) -> None:
+    """torchvision's ImageFolder layout: ``folder/<class>/<i>.png``, images of two different sizes."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    for c in range(classes):
+        (folder / f"class_{c}").mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            _image(rng, c, (20, 24) if i % 2 else (28, 28), grey).save(folder / f"class_{c}" / f"{i}.png")
+
+
+def write_gtsrb(root, classes: int = 43, per_class: int = 2, seed: int = 0) -> None:
+    """GTSRB as torchvision reads it: ``gtsrb/GTSRB/Training/<class:05d>/*.ppm`` and the final test set's images
+    with ``GT-final_test.csv`` (semicolon-separated, one ClassId per file); sizes vary as in the real data."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    base = root / "gtsrb"
+    for c in range(classes):
+        folder = base / "GTSRB" / "Training" / f"{c:05d}"
+        folder.mkdir(parents=True)
+        for i in range(per_class):
+            _image(rng, c, (30 + 3 * i, 32 + 2 * i)).save(folder / f"00000_{i:05d}.ppm")
+    test = base / "GTSRB" / "Final_Test" / "Images"
+    test.mkdir(parents=True)
+    rows = ["Filename;Width;Height;Roi.X1;Roi.Y1;Roi.X2;Roi.Y2;ClassId"]
+    for i in range(2 * classes):
+        name = f"{i:05d}.ppm"
+        _image(rng, i % classes, (40, 36)).save(test / name)
+        rows.append(f"{name};40;36;5;5;35;31;{i % classes}")
+    (base / "GT-final_test.csv").write_text("\n".join(rows) + "\n")
 
 
 # ---- small fixtures in the real on-disk formats of CIFAR-10/100 (pickled batches) and SVHN (.mat) ------------

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import gzip
-import struct
 from pathlib import Path
 
 import pytest
@@ -19,6 +17,7 @@ from lifelong.data import (
     sources,
 )
 from lifelong.errors import ResumeError
+from tests.conftest import write_idx
 
 
 def _identity(images, tasks, task):
@@ -73,25 +72,6 @@ def test_concat_and_subset():
 
 
 # ---- sources ------------------------------------------------------------------------------------------
-def _write_idx(folder: Path, n: int, gz: bool) -> None:
-    """A tiny dataset in the real IDX format (what torchvision's MNIST classes read)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    g = torch.Generator().manual_seed(0)
-    for split, count in (("train", n), ("t10k", n // 2)):
-        images = torch.randint(0, 256, (count, 28, 28), generator=g, dtype=torch.uint8)
-        labels = torch.arange(count, dtype=torch.uint8) % 10
-        files = {
-            f"{split}-images-idx3-ubyte": struct.pack(">IIII", 2051, count, 28, 28) + images.numpy().tobytes(),
-            f"{split}-labels-idx1-ubyte": struct.pack(">II", 2049, count) + labels.numpy().tobytes(),
-        }
-        for name, payload in files.items():
-            if gz:
-                with gzip.open(folder / f"{name}.gz", "wb") as f:
-                    f.write(payload)
-            else:
-                (folder / name).write_bytes(payload)
-
-
 @pytest.fixture
 def isolated(tmp_path, monkeypatch):
     """No environment folders and an empty system folder: only what a test puts there is found."""
@@ -103,7 +83,7 @@ def isolated(tmp_path, monkeypatch):
 
 
 def test_reads_debian_gz_layout_into_a_writable_root(isolated):
-    _write_idx(isolated / "system" / "fashion-mnist", 20, gz=True)
+    write_idx(isolated / "system" / "fashion-mnist", 20, gz=True)
     train, test = load_image_dataset("fashion_mnist", isolated / "root", download=False)
     assert train.images.shape == (20, 1, 28, 28) and train.images.dtype == torch.uint8
     assert len(test) == 10 and test.labels.tolist() == list(range(10))
@@ -111,10 +91,10 @@ def test_reads_debian_gz_layout_into_a_writable_root(isolated):
 
 
 def test_env_var_is_searched(isolated, monkeypatch):
-    _write_idx(isolated / "env" / "MNIST" / "raw", 8, gz=False)
+    write_idx(isolated / "env" / "MNIST" / "raw", 20, gz=False)
     monkeypatch.setenv(sources.ENV_VAR, str(isolated / "env"))
     train, _ = load_image_dataset("mnist", isolated / "root", download=False)
-    assert len(train) == 8
+    assert len(train) == 20
 
 
 def test_missing_data_names_every_folder_searched(isolated):
@@ -128,9 +108,9 @@ def test_missing_data_names_every_folder_searched(isolated):
 
 def test_corrupt_files_are_reported(isolated):
     raw = isolated / "root" / "MNIST" / "raw"
-    _write_idx(raw, 8, gz=False)
+    write_idx(raw, 20, gz=False)
     (raw / "train-images-idx3-ubyte").write_bytes(b"\x00\x00\x08\x03garbage")
-    with pytest.raises(CorruptDataError, match="could not be read"):
+    with pytest.raises(CorruptDataError, match="train-images-idx3-ubyte is cut short"):
         load_image_dataset("mnist", isolated / "root", download=False)
 
 

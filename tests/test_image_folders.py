@@ -3,64 +3,34 @@
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from lifelong.data import SequenceStream, load_image_dataset
 from lifelong.data.sources import load_image_folder
 from lifelong.errors import CorruptDataError, DataNotFoundError
-from tests.conftest import QUIET, compose_run, run_train, write_vision_fixtures
-
-
-def _image(rng, label: int, size: tuple[int, int], grey: bool = False) -> Image.Image:
-    """Noise of ``size`` (W, H) whose top-left quarter encodes the label (so tests can check labels and layout)."""
-    w, h = size
-    pixels = rng.integers(0, 256, size=(h, w) if grey else (h, w, 3), dtype=np.uint8)
-    pixels[: h // 2, : w // 2] = (40 * label) % 256
-    return Image.fromarray(pixels, mode="L" if grey else "RGB")
-
-
-def write_image_folder(folder, classes: int = 3, per_class: int = 10, grey: bool = True, seed: int = 0) -> None:
-    """torchvision's ImageFolder layout: ``folder/<class>/<i>.png``, images of two different sizes."""
-    rng = np.random.default_rng(seed)
-    for c in range(classes):
-        (folder / f"class_{c}").mkdir(parents=True, exist_ok=True)
-        for i in range(per_class):
-            _image(rng, c, (20, 24) if i % 2 else (28, 28), grey).save(folder / f"class_{c}" / f"{i}.png")
-
-
-def write_gtsrb(root, classes: int = 3, per_class: int = 4, seed: int = 0) -> None:
-    """GTSRB as torchvision reads it: ``gtsrb/GTSRB/Training/<class:05d>/*.ppm`` and the final test set's images
-    with ``GT-final_test.csv`` (semicolon-separated, one ClassId per file); sizes vary as in the real data."""
-    rng = np.random.default_rng(seed)
-    base = root / "gtsrb"
-    for c in range(classes):
-        folder = base / "GTSRB" / "Training" / f"{c:05d}"
-        folder.mkdir(parents=True)
-        for i in range(per_class):
-            _image(rng, c, (30 + 3 * i, 32 + 2 * i)).save(folder / f"00000_{i:05d}.ppm")
-    test = base / "GTSRB" / "Final_Test" / "Images"
-    test.mkdir(parents=True)
-    rows = ["Filename;Width;Height;Roi.X1;Roi.Y1;Roi.X2;Roi.Y2;ClassId"]
-    for i in range(2 * classes):
-        name = f"{i:05d}.ppm"
-        _image(rng, i % classes, (40, 36)).save(test / name)
-        rows.append(f"{name};40;36;5;5;35;31;{i % classes}")
-    (base / "GT-final_test.csv").write_text("\n".join(rows) + "\n")
+from tests.conftest import (
+    QUIET,
+    compose_run,
+    run_train,
+    write_gtsrb,
+    write_idx,
+    write_image_folder,
+    write_vision_fixtures,
+)
 
 
 def test_gtsrb_loads_from_its_ppm_files(tmp_path):
     write_gtsrb(tmp_path)
     train, test = load_image_dataset("gtsrb", tmp_path, download=False)
-    assert train.images.shape == (12, 3, 32, 32) and test.images.shape == (6, 3, 32, 32)
-    assert train.labels.tolist() == [c for c in range(3) for _ in range(4)]
-    assert test.labels.tolist() == [0, 1, 2, 0, 1, 2]
+    assert train.images.shape == (86, 3, 32, 32) and test.images.shape == (86, 3, 32, 32)
+    assert train.labels.tolist() == [c for c in range(43) for _ in range(2)]
+    assert test.labels.tolist() == [i % 43 for i in range(86)]
     # the label survives the resize in the encoded quarter (40 * label)
-    torch.testing.assert_close(train.images[:, 0, 2, 2].float(), 40.0 * train.labels.float(), atol=3, rtol=0)
+    expected = (40 * train.labels % 256).float()
+    torch.testing.assert_close(train.images[:, 0, 2, 2].float(), expected, atol=3, rtol=0)
     small, _ = load_image_dataset("gtsrb", tmp_path, download=False, size=(16, 16))
-    assert small.images.shape == (12, 3, 16, 16)
+    assert small.images.shape == (86, 3, 16, 16)
 
 
 def test_image_folder_split_is_fixed_and_stratified(tmp_path):
@@ -83,7 +53,7 @@ def test_image_folder_bad_input(tmp_path):
     assert str(tmp_path / "no_such_folder") in str(err.value)
     (tmp_path / "broken" / "a").mkdir(parents=True)
     (tmp_path / "broken" / "a" / "x.png").write_bytes(b"not a png")
-    with pytest.raises(CorruptDataError, match="could not be read"):
+    with pytest.raises(CorruptDataError, match=r"the image .*broken/a/x\.png cannot be read"):
         load_image_dataset("image_folder:broken", tmp_path, download=False)
     with pytest.raises(ValueError, match="image_folder:PATH"):
         SequenceStream(["mnist", "image_folder:"])
@@ -103,6 +73,8 @@ def test_sequence_names_every_missing_dataset(tmp_path, monkeypatch):
 
 def test_mixture_preset_reports_its_missing_datasets(tmp_path, mnist_root):
     write_gtsrb(tmp_path / "data")
+    # Fashion-MNIST as a fixture of its own: the count below must not depend on Debian's package being installed
+    write_idx(tmp_path / "data" / "FashionMNIST" / "raw")
     proc = run_train(
         ["dataset=mixture", "model=alexnet", f"dataset.root={tmp_path / 'data'}", "dataset.download=false", *QUIET],
         tmp_path / "run",
@@ -159,7 +131,7 @@ def mixture_root(tmp_path, monkeypatch, mnist_root, fashion_available):
     fixtures in their real on-disk formats, MNIST (LIFELONG_DATA_DIR) and Fashion-MNIST (Debian) real."""
     root = tmp_path / "data"
     write_vision_fixtures(root, monkeypatch)
-    write_gtsrb(root, classes=43, per_class=2)
+    write_gtsrb(root)
     write_image_folder(root / "facescrub", classes=100, per_class=5, grey=False)
     write_image_folder(root / "notmnist", classes=10, per_class=10)
     monkeypatch.setenv("LIFELONG_DATA_DIR", str(mnist_root))

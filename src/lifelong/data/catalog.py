@@ -8,6 +8,7 @@ and refuses to resume a checkpoint of a different stream.
 from __future__ import annotations
 
 import hashlib
+import logging
 from collections.abc import Sequence
 from typing import Any
 
@@ -25,6 +26,8 @@ from lifelong.data.streams import TaskStream
 from lifelong.data.tensors import TaskData
 from lifelong.data.transforms import ImagePipeline, RandomCropFlip, resize_images
 from lifelong.errors import DataNotFoundError
+
+log = logging.getLogger(__name__)
 
 
 def _check_source(name: str, image_folders: bool = False) -> None:
@@ -334,6 +337,10 @@ class SequenceStream(TaskStream):
         self.image_size, self.channels = size, channels
         self.input_shape = (channels, *size)
         train_parts, test_parts, means, stds = [], [], [], []
+        for name in dict.fromkeys(self.datasets):
+            c, h, w = loaded[name][0].images.shape[1:]
+            if (c, h, w) != (channels, *size):
+                log.info(f"{name}: {c} x {h} x {w} images converted to the stream's {channels} x {size[0]} x {size[1]}")
         for name in self.datasets:
             train, test = loaded[name]
             train = ImageSplit(resize_images(train.images, size, channels), train.labels)

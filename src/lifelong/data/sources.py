@@ -26,18 +26,27 @@ fixed size (32 x 32 unless the stream asks for another).
 from __future__ import annotations
 
 import gzip
+import logging
 import os
+import pickle
 import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import PIL
+import PIL.Image
 import torch
 from torchvision import datasets, transforms
+from torchvision.datasets.folder import IMG_EXTENSIONS
+from torchvision.datasets.utils import check_integrity
 
+from lifelong.data.checks import SplitFiles, check_class_folders, check_idx_split, check_same_shape, check_split
 from lifelong.errors import CorruptDataError, DataNotFoundError
+
+log = logging.getLogger(__name__)
 
 ENV_VAR = "LIFELONG_DATA_DIR"
 SYSTEM_DIRS = (Path("/usr/share/datasets"),)
@@ -187,35 +196,135 @@ def _as_split(ds: datasets.VisionDataset, size: tuple[int, int] | None = None) -
     images = torch.as_tensor(np.asarray(ds.data))
     if images.ndim == 3:  # (N, H, W): grey
         images = images.unsqueeze(1)
-    elif images.shape[-1] in (1, 3) and images.shape[1] not in (1, 3):  # (N, H, W, C): CIFAR
+    elif images.ndim == 4 and images.shape[-1] in (1, 3) and images.shape[1] not in (1, 3):  # (N, H, W, C): CIFAR
         images = images.permute(0, 3, 1, 2)
     labels = getattr(ds, "targets", None)
     if labels is None:
         labels = ds.labels  # SVHN
-    return ImageSplit(images.to(torch.uint8).contiguous(), torch.as_tensor(np.asarray(labels)).long())
+    return ImageSplit(images.to(torch.uint8).contiguous(), torch.as_tensor(np.asarray(labels)).long().reshape(-1))
 
 
 def _read_files(ds: datasets.VisionDataset, size: tuple[int, int]) -> ImageSplit:
-    ds.transform = transforms.Compose([transforms.Resize(size, antialias=True), transforms.PILToTensor()])
+    """Every image of a one-file-per-image dataset (``samples``: ``(path, label)`` pairs), read at ``size``.
+
+    An image that cannot be decoded is named; images of other sizes are resized, and the log says so once.
+    """
+    sizes: set[tuple[int, int]] = set()
+
+    def note_size(img: PIL.Image.Image) -> PIL.Image.Image:
+        sizes.add(img.size)
+        return img
+
+    ds.transform = transforms.Compose([note_size, transforms.Resize(size, antialias=True), transforms.PILToTensor()])
+    samples: list[tuple[str, int]] = getattr(ds, "samples", None) or getattr(ds, "_samples", [])
     if len(ds) == 0:
         return ImageSplit(torch.zeros(0, 3, *size, dtype=torch.uint8), torch.zeros(0, dtype=torch.long))
-    pairs = [ds[i] for i in range(len(ds))]
+    pairs = []
+    for i in range(len(ds)):
+        try:
+            pairs.append(ds[i])
+        except (OSError, ValueError, PIL.UnidentifiedImageError) as err:
+            path = samples[i][0] if i < len(samples) else f"sample {i}"
+            reason = "not an image file PIL can decode" if isinstance(err, PIL.UnidentifiedImageError) else str(err)
+            raise CorruptDataError(
+                f"the image {path} cannot be read ({type(err).__name__}: {reason.splitlines()[0] if reason else ''}): "
+                "replace it with a good copy, or delete it, then run again"
+            ) from None
     images = torch.stack([img for img, _ in pairs])
+    if sizes != {(size[1], size[0])}:  # PIL sizes are (W, H)
+        ws, hs = [w for w, _ in sizes], [h for _, h in sizes]
+        where = os.path.commonpath([p for p, _ in samples]) if samples else type(ds).__name__
+        log.info(
+            f"{where}: {len(pairs)} images of {len(sizes)} size{'s' if len(sizes) > 1 else ''} "
+            f"({min(ws)}-{max(ws)} x {min(hs)}-{max(hs)} pixels) read at {size[1]} x {size[0]} (bilinear, antialiased)"
+        )
     return ImageSplit(images.contiguous(), torch.tensor([int(label) for _, label in pairs], dtype=torch.long))
 
 
+def _split_files(src: Source, root: Path, train: bool) -> SplitFiles:
+    """Where ``src``'s class reads a split from below its ``root``, as messages name it."""
+    name, split = src.cls.__name__, "training" if train else "test"
+    cls: Any = src.cls
+    if issubclass(cls, datasets.MNIST):
+        raw = root / name / "raw"
+        prefix = "train" if train else "t10k"
+        images, labels = (str(raw / f"{prefix}-{kind}") for kind in ("images-idx3-ubyte", "labels-idx1-ubyte"))
+        return SplitFiles(name, split, images, labels)
+    if issubclass(cls, datasets.CIFAR10):
+        batches = [f for f, _ in (cls.train_list if train else cls.test_list)]
+        where = str(root / cls.base_folder / (batches[0] if len(batches) == 1 else f"{{{','.join(batches)}}}"))
+        return SplitFiles(name, split, where, where)
+    if cls is datasets.SVHN:
+        where = str(root / cls.split_list["train" if train else "test"][1])
+        return SplitFiles(name, split, where, where)
+    base = root / "gtsrb"
+    if train:
+        folder = base / "GTSRB" / "Training"
+        return SplitFiles(name, split, str(folder), f"the class folders of {folder}")
+    return SplitFiles(name, split, str(base / "GTSRB" / "Final_Test" / "Images"), str(base / "GT-final_test.csv"))
+
+
+def _damaged_files(src: Source, root: Path) -> list[str]:
+    """The files of a checksummed format (CIFAR, SVHN) that fail torchvision's MD5."""
+    cls: Any = src.cls
+    if issubclass(cls, datasets.CIFAR10):
+        folder = root / cls.base_folder
+        pairs = [*cls.train_list, *cls.test_list, (cls.meta["filename"], cls.meta["md5"])]
+    elif cls is datasets.SVHN:
+        folder = root
+        pairs = [(f, md5) for _, f, md5 in (cls.split_list[s] for s in ("train", "test"))]
+    else:
+        return []
+    return [str(folder / f) for f, md5 in pairs if (folder / f).is_file() and not check_integrity(str(folder / f), md5)]
+
+
+def _batch_counts(src: Source, root: Path, train: bool) -> str | None:
+    """The first CIFAR batch whose images and labels differ in number, as a message (diagnosis only)."""
+    cls: Any = src.cls
+    if not issubclass(cls, datasets.CIFAR10):
+        return None
+    for f, _ in cls.train_list if train else cls.test_list:
+        with open(root / cls.base_folder / f, "rb") as fin:
+            entry = pickle.load(fin, encoding="latin1")
+        n_images, n_labels = len(entry["data"]), len(entry.get("labels", entry.get("fine_labels", [])))
+        if n_images != n_labels:
+            return f"{root / cls.base_folder / f} holds {n_images:,} images but {n_labels:,} labels"
+    return None
+
+
 def _load(src: Source, root: Path, size: tuple[int, int] | None = None) -> tuple[ImageSplit, ImageSplit]:
+    """Both splits of ``src`` from ``root``, each checked (:mod:`lifelong.data.checks`) before it is used."""
+    files = [_split_files(src, root, train) for train in (True, False)]
+    if issubclass(src.cls, datasets.MNIST):  # their headers first: torchvision reads any IDX file it is given
+        for f in files:
+            check_idx_split(Path(f.images), Path(f.labels), f.dataset, f.split)
     try:
         splits = [_as_split(src.dataset(root, train), size) for train in (True, False)]
+    except CorruptDataError:
+        raise
     except (RuntimeError, ValueError, AssertionError, OSError, EOFError, KeyError, PIL.UnidentifiedImageError) as err:
-        files = ", ".join(str(root / f) for f in src.files[:2]) + (", ..." if len(src.files) > 2 else "")
+        damaged = _damaged_files(src, root)
+        if damaged:
+            raise CorruptDataError(
+                f"{src.cls.__name__}: {', '.join(damaged)} fail{'s' if len(damaged) == 1 else ''} torchvision's MD5 "
+                "check: the file is damaged or not the original. Replace it with a fresh copy (or delete it and let "
+                "torchvision download it), then run again"
+            ) from None
+        where = ", ".join(str(root / f) for f in src.files[:2]) + (", ..." if len(src.files) > 2 else "")
         raise CorruptDataError(
-            f"{src.cls.__name__} files ({files}) could not be read ({err}). "
+            f"{src.cls.__name__} files ({where}) could not be read ({err}). "
             "Delete them and provide fresh copies (or let torchvision download them)."
         ) from err
-    for split in splits:
-        if len(split) == 0 or split.labels.min() < 0:
-            raise CorruptDataError(f"{src.cls.__name__} under {root} holds no samples or negative labels")
+    for split, f, train in zip(splits, files, (True, False), strict=True):
+        if len(split.images) != len(split.labels):
+            found = _batch_counts(src, root, train)
+            if found:
+                raise CorruptDataError(
+                    f"{src.cls.__name__}'s {f.split} split: {found}. Replace it with a fresh copy of the dataset's "
+                    "file (or delete it and let torchvision download it), then run again"
+                )
+        check_split(split.images, split.labels, src.num_classes, f)
+    check_same_shape(splits[0].images, splits[1].images, files[1])
     return splits[0], splits[1]
 
 
@@ -383,18 +492,25 @@ def load_image_folder(folder: Path, size: tuple[int, int] | None = None) -> tupl
     seed, so every run tests on the same images) is the test split.
     """
     hw = size or DEFAULT_FILE_SIZE
+    parts = [folder / "train", folder / "test"] if _has_split_folders(folder) else [folder]
+    for part in parts:
+        check_class_folders(part, _class_names(part), IMG_EXTENSIONS)
     try:
-        if _has_split_folders(folder):
-            train_ds, test_ds = datasets.ImageFolder(str(folder / "train")), datasets.ImageFolder(str(folder / "test"))
-            if train_ds.classes != test_ds.classes:
-                raise CorruptDataError(
-                    f"{folder}: train/ and test/ hold different class folders ({train_ds.classes[:5]}... against "
-                    f"{test_ds.classes[:5]}...); give both the same classes"
-                )
-            return _read_files(train_ds, hw), _read_files(test_ds, hw)
-        whole = _read_files(datasets.ImageFolder(str(folder)), hw)
-    except (FileNotFoundError, OSError, PIL.UnidentifiedImageError) as err:
+        read = [datasets.ImageFolder(str(part)) for part in parts]
+    except (FileNotFoundError, OSError) as err:
         raise CorruptDataError(f"the image folder {folder} could not be read ({err})") from err
+    if len(read) == 2 and read[0].classes != read[1].classes:
+        raise CorruptDataError(
+            f"{folder}: train/ and test/ hold different class folders ({read[0].classes[:5]}... against "
+            f"{read[1].classes[:5]}...); give both the same classes"
+        )
+    splits = [_read_files(ds, hw) for ds in read]
+    for split, part, name in zip(splits, parts, ("training", "test"), strict=False):
+        files = SplitFiles(f"the image folder {folder}", name, str(part), f"the class folders of {part}")
+        check_split(split.images, split.labels, len(read[0].classes), files)
+    if len(splits) == 2:
+        return splits[0], splits[1]
+    whole = splits[0]
     g = torch.Generator().manual_seed(0)
     test_rows = []
     for c in whole.labels.unique():
