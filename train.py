@@ -23,7 +23,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig
 
 from lifelong.callbacks import StreamReport
-from lifelong.checkpoints import check_checkpoint, read_checkpoint
+from lifelong.checkpoints import UnreadableCheckpoint, check_checkpoint, read_checkpoint
 from lifelong.cli import (
     USER_ERRORS,
     FolderState,
@@ -43,8 +43,9 @@ from lifelong.cli import (
 )
 from lifelong.config import name_the_key
 from lifelong.data import TaskStream
-from lifelong.errors import ConfigError, LifelongError
-from lifelong.logs import quiet_lightning
+from lifelong.errors import ConfigError, LifelongError, ResumeError, WriteError
+from lifelong.files import write_error
+from lifelong.logs import guard_log_files, quiet_lightning
 from lifelong.models import ContinualClassifier
 from lifelong.run import stream_trainer
 
@@ -74,6 +75,7 @@ RESUME_MAY_DIFFER = (
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
     quiet_lightning()
+    guard_log_files()
     hc = HydraConfig.get()
     sweep_dir = Path(hc.sweep.dir) if hc.mode == RunMode.MULTIRUN else None
     return run(cfg, Path(hc.runtime.output_dir), dict(hc.runtime.choices), sweep_dir=sweep_dir)
@@ -103,22 +105,24 @@ def run(cfg: DictConfig, output_dir: Path, choices: dict[str, Any], sweep_dir: P
             return recorded.get("val_avg_accuracy", recorded.get("avg_accuracy"))
         except LifelongError as err:
             exit_with(str(err))
-    if rank_zero_only.rank == 0:
-        if cfg.overwrite and state != "empty":
-            clear_results(output_dir)  # asked for, and every check passed
-        save_config(output_dir, cfg, HydraConfig.instance().cfg if HydraConfig.initialized() else None)
-        info, epochs = report.info, cfg.epochs_per_task
-        start = f"resumed from {ckpt_path}" if ckpt_path else "from the start"
-        log.info(  # the log's first line: what runs, and where its results go
-            f"{info['method']} on {info['dataset']} ({info['scenario']} scenario): {datamodule.num_tasks} tasks x "
-            f"{epochs} epoch{'s' if epochs > 1 else ''}, seed {cfg.seed}, {start}; results in {output_dir}"
-        )
     try:
+        if rank_zero_only.rank == 0:
+            if cfg.overwrite and state != "empty":
+                clear_results(output_dir)  # asked for, and every check passed
+            save_config(output_dir, cfg, HydraConfig.instance().cfg if HydraConfig.initialized() else None)
+            info, epochs = report.info, cfg.epochs_per_task
+            start = f"resumed from {ckpt_path}" if ckpt_path else "from the start"
+            log.info(  # the log's first line: what runs, and where its results go
+                f"{info['method']} on {info['dataset']} ({info['scenario']} scenario): {datamodule.num_tasks} tasks x "
+                f"{epochs} epoch{'s' if epochs > 1 else ''}, seed {cfg.seed}, {start}; results in {output_dir}"
+            )
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
-    except LifelongError as err:  # e.g. a NaN loss
+    except (LifelongError, OSError) as err:  # a NaN loss; a write the system refused
+        written = isinstance(err, WriteError) or not isinstance(err, LifelongError)
+        message = _write_failed(err, output_dir) if written else str(err)
         if sweep_dir is None:
-            exit_with(str(err))
-        log.error(f"error: {err}\n(this job failed; the sweep goes on)")
+            exit_with(message)
+        log.error(f"error: {message}\n(this job failed; the sweep goes on)")
         return math.nan
     metrics = report.metrics
     if datamodule.has_validation:
@@ -161,12 +165,27 @@ def _prepare(
         raise ConfigError(_trainer_message(err, cfg)) from None
     load(datamodule)
     module = build_module(cfg, datamodule, callbacks[0])
-    ckpt_path = _checkpoint_to_resume(cfg, output_dir, state)
-    if ckpt_path is not None:
-        ckpt = read_checkpoint(ckpt_path)
+    resumed = _checkpoint_to_resume(cfg, output_dir, state)
+    ckpt_path = None
+    if resumed is not None:
+        ckpt_path, ckpt = resumed
         where = f"ckpt_path={ckpt_path}" if cfg.ckpt_path is not None else f"the run's checkpoint {ckpt_path}"
         check_checkpoint(ckpt, ckpt_path, trainer, module, datamodule, info, RESUME_MAY_DIFFER, where)
     return datamodule, module, trainer, report, ckpt_path, state
+
+
+def _write_failed(err: OSError, output_dir: Path) -> str:
+    """What a refused write (:class:`~lifelong.errors.WriteError`, or an ``OSError`` of a library's) tells the user:
+    the file, the system's words, and how the run goes on from what was written before."""
+    if finished_run(output_dir):
+        return (
+            f"{write_error(err)}. The run's results are complete ({output_dir / 'metrics.json'} and the files beside "
+            "it); only that file is incomplete"
+        )
+    return (
+        f"{write_error(err)}. Every file written before it is intact: once the cause is fixed, run the same command "
+        f"with resume=true (and hydra.run.dir={output_dir}) to continue from the last checkpoint"
+    )
 
 
 def _trainer_message(err: BaseException, cfg: DictConfig) -> str:
@@ -176,20 +195,39 @@ def _trainer_message(err: BaseException, cfg: DictConfig) -> str:
     return message
 
 
-def _checkpoint_to_resume(cfg: DictConfig, output_dir: Path, state: FolderState) -> str | None:
-    """``ckpt_path`` if given, else with ``resume=true`` the run folder's latest checkpoint."""
+def _checkpoint_to_resume(cfg: DictConfig, output_dir: Path, state: FolderState) -> tuple[str, dict[str, Any]] | None:
+    """``ckpt_path`` if given, else with ``resume=true`` the run folder's newest intact checkpoint; with it read.
+
+    The newest is ``last.ckpt`` unless a write was refused or the run was killed before it was replaced; a
+    checkpoint that cannot be read (cut short by a full disk or a killed copy) is passed over, with a warning
+    naming it, for the next newest.
+    """
     if cfg.ckpt_path is not None:
-        return str(cfg.ckpt_path)
+        return str(cfg.ckpt_path), read_checkpoint(cfg.ckpt_path)
     if not cfg.resume:
         return None
     if state == "empty":
         log.info(f"resume=true: no checkpoint in {output_dir / 'checkpoints'} yet, starting the stream from the start")
         return None
-    last = output_dir / "checkpoints" / "last.ckpt"
-    if not last.is_file():  # killed before the first last.ckpt was kept: the newest checkpoint of a task
-        last = max((output_dir / "checkpoints").glob("*.ckpt"), key=lambda p: p.stat().st_mtime)
-    log.info(f"resume=true: resuming the stream from {last}")
-    return str(last)
+    # newest first; at equal times last.ckpt, which is written after the task checkpoint of the same epoch
+    candidates = sorted(
+        (output_dir / "checkpoints").glob("*.ckpt"), key=lambda p: (p.stat().st_mtime_ns, p.name == "last.ckpt")
+    )[::-1]
+    passed_over: list[str] = []
+    for path in candidates:
+        try:
+            ckpt = read_checkpoint(path)
+        except UnreadableCheckpoint as err:
+            log.warning(f"resume=true: passing over {path}: {err.reason}")
+            passed_over.append(path.name)
+            continue
+        instead = f" (instead of {', '.join(passed_over)}, which cannot be read)" if passed_over else ""
+        log.info(f"resume=true: resuming the stream from {path}{instead}")
+        return str(path), ckpt
+    raise ResumeError(
+        f"resume=true: none of the checkpoints in {output_dir / 'checkpoints'} can be read ({', '.join(passed_over)}): "
+        "start the run again in a new folder (hydra.run.dir=NEW), or with overwrite=true"
+    )
 
 
 def _warn_selecting_on_test(sweep_dir: Path) -> None:

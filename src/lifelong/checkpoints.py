@@ -28,7 +28,8 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     """The checkpoint at ``path``, loaded on the CPU as ``Trainer.fit`` loads it (tensors and plain values only).
 
     Raises:
-        ResumeError: the path is not a file, the file cannot be read, or it is not a Lightning checkpoint.
+        ResumeError: the path is not a file; :class:`UnreadableCheckpoint`: the file cannot be read, or it is not
+            a Lightning checkpoint.
     """
     p = Path(path)
     if not p.is_file():
@@ -37,19 +38,29 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
         ckpt = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as err:  # zip, pickle and torch's own errors differ with the damage
         reason = str(err).strip().splitlines()[0].split(". ")[0] if str(err).strip() else ""
-        raise ResumeError(
+        raise UnreadableCheckpoint(
             f"ckpt_path={path} could not be read as a checkpoint ({type(err).__name__}: {reason[:160]}): the file "
             "is damaged (cut short by a full disk or a killed copy) or is not a checkpoint. Resume from another "
-            f"checkpoint of the run (e.g. {p.parent}/task_K.ckpt) or start a new run"
+            f"checkpoint of the run (e.g. {p.parent}/task_K.ckpt) or start a new run",
+            f"it cannot be read as a checkpoint ({type(err).__name__}: {reason[:160]})",
         ) from None
     missing = [k for k in LIGHTNING_KEYS if not isinstance(ckpt, dict) or k not in ckpt]
     if missing:
         held = f"a {type(ckpt).__name__}" if not isinstance(ckpt, dict) else f"the keys {sorted(ckpt)[:8]}"
-        raise ResumeError(
+        raise UnreadableCheckpoint(
             f"ckpt_path={path} is not a Lightning checkpoint written by lifelong (it holds {held}, without "
-            f"{missing}). Point it at a checkpoint of a run, e.g. RUN/checkpoints/last.ckpt"
+            f"{missing}). Point it at a checkpoint of a run, e.g. RUN/checkpoints/last.ckpt",
+            f"it is not a Lightning checkpoint (it holds {held}, without {missing})",
         )
     return ckpt
+
+
+class UnreadableCheckpoint(ResumeError):
+    """A file that cannot be read as a Lightning checkpoint; ``reason`` says why, without the advice."""
+
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 def check_checkpoint(

@@ -27,3 +27,19 @@ class ConfigError(LifelongError, ValueError):
 
 class RunFolderError(LifelongError, RuntimeError):
     """The output folder already holds results this run would overwrite, or a finished run asked to resume."""
+
+
+class WriteError(LifelongError, OSError):
+    """The operating system refused a write of the run (no space left, an I/O error, a read-only folder).
+
+    Attributes:
+        path: the file that could not be written.
+        reason: the operating system's words (``"No space left on device"``).
+    """
+
+    def __init__(self, path: object, reason: str, errno: int | None = None) -> None:
+        self.path, self.reason = str(path), reason
+        super().__init__(errno, reason, self.path)
+
+    def __str__(self) -> str:
+        return f"could not write {self.path}: {self.reason}"

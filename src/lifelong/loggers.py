@@ -1,4 +1,9 @@
-"""Experiment trackers beside TensorBoard and CSV: Weights & Biases and MLflow, local unless told otherwise.
+"""The run's loggers: TensorBoard and CSV, and the experiment trackers Weights & Biases and MLflow, local unless
+told otherwise.
+
+Each is Lightning's logger, whose writes the operating system may refuse (a full disk): such a failure raises
+:class:`~lifelong.errors.WriteError` naming where the logger writes (:func:`names_its_files`), instead of an
+``OSError`` without a file name from deep inside the library, or from TensorBoard's writer thread at the end.
 
 - ``logger=wandb`` (:class:`WandbStreamLogger`): a W&B run in the run folder (``RUN/wandb/``), **offline** unless
   you are logged in (``wandb login``, or ``WANDB_API_KEY``) or ``WANDB_MODE`` says otherwise. Upload an offline run
@@ -17,21 +22,79 @@ record of the run: a tracker that fails to take the results is reported and the 
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import logging
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-from lightning.pytorch.loggers import Logger, MLFlowLogger, TensorBoardLogger, WandbLogger
+from lightning.pytorch.loggers import CSVLogger, Logger, MLFlowLogger, TensorBoardLogger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 from matplotlib.figure import Figure
 from typing_extensions import override
 
 from lifelong.errors import ConfigError
+from lifelong.files import refused_write, write_error
 
 log = logging.getLogger(__name__)
+
+LoggerT = TypeVar("LoggerT", bound=type[Logger])
+WRITING_METHODS = ("log_hyperparams", "log_metrics", "save", "finalize")  # the Logger methods that write
+
+
+def names_its_files(where: Callable[[Any], str]) -> Callable[[LoggerT], LoggerT]:
+    """A class decorator: a write of the logger's that the system refuses raises a ``WriteError`` naming
+    ``where(logger)`` (its folder or store), unless the error names its file itself.
+
+    ``finalize`` of a run that failed already (status other than ``"success"``) only logs its own failure, so
+    that the error that stopped the run is the one reported.
+    """
+
+    def decorate(cls: LoggerT) -> LoggerT:
+        for name in WRITING_METHODS:
+            original = getattr(cls, name)
+
+            @functools.wraps(original)
+            def method(self: Any, *args: Any, _original: Any = original, _name: str = name, **kwargs: Any) -> Any:
+                try:
+                    return _original(self, *args, **kwargs)
+                except Exception as err:
+                    cause = _refused_in_chain(err)  # Lightning's TensorBoard logger wraps it in a ValueError
+                    if cause is None:
+                        raise
+                    error = write_error(cause, getattr(cause, "filename", None) or where(self))
+                    status = args[0] if args else kwargs.get("status", "success")
+                    if _name == "finalize" and status != "success":
+                        log.warning(f"{error} (while the run was stopping)")
+                        return None
+                    raise error from None
+
+            setattr(cls, name, method)
+        return cls
+
+    return decorate
+
+
+def _refused_in_chain(err: BaseException | None) -> BaseException | None:
+    """The refused write (:func:`~lifelong.files.refused_write`) that ``err`` is, or that caused it."""
+    seen = 0
+    while err is not None and seen < 8:
+        if refused_write(err):
+            return err
+        err, seen = err.__cause__ or err.__context__, seen + 1
+    return None
+
+
+@names_its_files(lambda logger: f"the TensorBoard events in {logger.log_dir}")
+class TensorBoardStreamLogger(TensorBoardLogger):
+    """Lightning's :class:`~lightning.pytorch.loggers.TensorBoardLogger`; a refused write names its folder."""
+
+
+@names_its_files(lambda logger: str(Path(logger.log_dir) / "metrics.csv"))
+class CSVStreamLogger(CSVLogger):
+    """Lightning's :class:`~lightning.pytorch.loggers.CSVLogger`; a refused write names its file."""
 
 
 def _require(module: str, extra: str) -> None:
@@ -57,6 +120,7 @@ def wandb_offline() -> bool:
         return True
 
 
+@names_its_files(lambda logger: f"the W&B run in {Path(logger.save_dir or '.') / 'wandb'}")
 class WandbStreamLogger(WandbLogger):
     """Lightning's :class:`~lightning.pytorch.loggers.WandbLogger`, offline unless you are logged in.
 
@@ -102,6 +166,7 @@ class WandbStreamLogger(WandbLogger):
                 log.info(f"W&B run kept offline in {run_dir}: upload it with: wandb sync {run_dir}")
 
 
+@names_its_files(lambda logger: f"the MLflow store {logger._tracking_uri}")
 class MLflowStreamLogger(MLFlowLogger):
     """Lightning's :class:`~lightning.pytorch.loggers.MLFlowLogger` with a local store by default.
 

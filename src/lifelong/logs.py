@@ -8,7 +8,9 @@ start, one per task, the results. :func:`quiet_lightning` is called by the entry
 from __future__ import annotations
 
 import logging
+import sys
 import warnings
+from collections.abc import Callable
 
 # Lightning's start-up chatter (rank_zero_info): hardware lines that the config already states, and tips
 # advertising Lightning's cloud products
@@ -30,6 +32,8 @@ _CHATTY_LOGGERS = (
 KNOWN_WARNINGS = (
     # Lightning 2.6's own use of a torch API that newer torch deprecates
     r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+    # ModelCheckpoint on a resumed run's folder: train.py decides what a run may do with its folder (plan_folder)
+    r"Checkpoint directory .* exists and is not empty",
 )
 
 
@@ -49,3 +53,30 @@ def quiet_lightning() -> None:
             logger.addFilter(_DROP_CHATTER)
     for pattern in KNOWN_WARNINGS:
         warnings.filterwarnings("ignore", message=pattern)
+
+
+def guard_log_files() -> None:
+    """A log file that cannot be written (a full disk, a read-only folder) is reported in one line and dropped,
+    instead of Python's ``--- Logging error ---`` and a traceback at every line logged; the console keeps the log.
+    """
+    root = logging.getLogger()
+    for handler in root.handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handleError = _drop_handler(handler)  # type: ignore[method-assign, assignment]
+
+
+def _drop_handler(handler: logging.FileHandler) -> Callable[[logging.LogRecord], None]:
+    def handle_error(record: logging.LogRecord) -> None:
+        err = sys.exc_info()[1]
+        if not isinstance(err, OSError):
+            logging.Handler.handleError(handler, record)  # a bug in a log call: Python's own report
+            return
+        logging.getLogger().removeHandler(handler)
+        reason = err.strerror or str(err)
+        print(
+            f"warning: the log file {handler.baseFilename} cannot be written ({reason}); logging to the console only",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    return handle_error

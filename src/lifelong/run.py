@@ -9,6 +9,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import Logger
 from torchmetrics.classification import MulticlassAccuracy
@@ -16,6 +17,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from lifelong.callbacks import StreamReport, TaskProgressBar
 from lifelong.checkpoints import check_checkpoint, read_checkpoint
 from lifelong.data.streams import TaskStream
+from lifelong.files import AtomicCheckpointIO
 from lifelong.models.module import ContinualClassifier
 
 TrainerFactory = Callable[..., L.Trainer]
@@ -53,7 +55,9 @@ def stream_trainer(
     ranks).
 
     Checkpoints go to ``output_dir/checkpoints``: ``task_<k>.ckpt`` after each task (method state included)
-    and ``last.ckpt`` after every epoch; ``trainer.fit(..., ckpt_path=...)`` resumes the stream from one.
+    and ``last.ckpt`` after every epoch; ``trainer.fit(..., ckpt_path=...)`` resumes the stream from one. Each is
+    written atomically in its folder (:class:`lifelong.files.AtomicCheckpointIO`): a write the system refuses
+    raises :class:`~lifelong.errors.WriteError` and leaves the previous checkpoint intact.
 
     Args:
         datamodule: the stream.
@@ -104,6 +108,8 @@ def stream_trainer(
     )
     assert derived.keys() == set(STREAM_TRAINER_ARGS)
     trainer_obj = trainer(**derived)
+    if type(trainer_obj.strategy.checkpoint_io) is TorchCheckpointIO:  # Lightning's default; a plugin of yours stays
+        trainer_obj.strategy.checkpoint_io = AtomicCheckpointIO()
     return trainer_obj, report
 
 
