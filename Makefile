@@ -13,7 +13,7 @@ LIFELONG_DATA_DIR ?= $(abspath ../shared/data)
 export LIFELONG_DATA_DIR
 endif
 
-.PHONY: install train test test-all lint format bench docs clean
+.PHONY: install train test test-all lint format bench docs gpu-check gpu-wheels clean
 
 install: $(STAMP)
 
@@ -51,5 +51,14 @@ docs: $(STAMP)
 bench: $(STAMP)  ## speed and memory targets (docs/performance.md)
 	$(BIN)/python scripts/benchmark.py $(ARGS)
 
+# On a GPU machine: a fresh environment, the gpu-marked tests, the runs (CPU against GPU, mixed precision, DDP)
+# and the CUDA benchmark, one report (docs/performance.md, "On a GPU"). WHEELS=DIR: offline, on the machine's torch.
+gpu-check:
+	WHEELS=$(WHEELS) REPORT=$(REPORT) PYTHON=$(PYTHON) scripts/gpu_check.sh $(ARGS)
+
+# Here, with the package index: the wheels an offline GPU machine with its own PyTorch lacks, for WHEELS=.whl
+gpu-wheels: $(STAMP)
+	$(BIN)/python -m pip wheel -q --no-deps -w .whl hydra-core==1.3.8 omegaconf==2.3.1 antlr4-python3-runtime==4.9.3
+
 clean:
-	rm -rf $(VENV) outputs multirun site .pytest_cache .ruff_cache .mypy_cache
+	rm -rf $(VENV) .venv-gpu outputs multirun site .pytest_cache .ruff_cache .mypy_cache

@@ -90,9 +90,11 @@ def run(cfg: DictConfig, output_dir: Path, choices: dict[str, Any], sweep_dir: P
 
     ``choices`` names the config groups chosen (``{"method": "ewc", "dataset": ...}``), for ``metrics.json``.
     Bad input - a value, missing data, a checkpoint of another run, a folder holding another run's results -
-    exits with status 2 and one message before anything trains, and leaves every file as it was. In a sweep,
-    a job that completed already (``resume=true``) returns its recorded value, and a job whose training fails
-    (a NaN loss) is reported and returns NaN, so that the sweep goes on.
+    exits with status 2 and one message before anything trains, and leaves every file as it was; so does a
+    NaN loss or a write the system refuses during training (the message names the file), leaving every file
+    written before intact for ``resume=true``. In a sweep, a job that completed already (``resume=true``)
+    returns its recorded value, and a job whose training fails is reported and returns NaN, so that the sweep
+    goes on.
     """
     with held_file_logs():  # a refused run adds nothing to the folder's train.log
         try:
@@ -174,7 +176,7 @@ def _prepare(
     return datamodule, module, trainer, report, ckpt_path, state
 
 
-def _write_failed(err: OSError, output_dir: Path) -> str:
+def _write_failed(err: BaseException, output_dir: Path) -> str:
     """What a refused write (:class:`~lifelong.errors.WriteError`, or an ``OSError`` of a library's) tells the user:
     the file, the system's words, and how the run goes on from what was written before."""
     if finished_run(output_dir):

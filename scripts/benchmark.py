@@ -3,6 +3,7 @@
     python scripts/benchmark.py                       # everything (about 10 minutes on 2 cores)
     python scripts/benchmark.py --sections train fisher tasks
     python scripts/benchmark.py --e2e-tasks 3         # a shorter end-to-end comparison
+    python scripts/benchmark.py --device cuda --sections train fisher tasks dwa   # on a GPU (make gpu-check)
 
 Sections (docs/performance.md holds the table of the last full run):
 
@@ -24,7 +25,8 @@ Sections (docs/performance.md holds the table of the last full run):
   loop (the original code's convolution).
 
 Timings are the minimum over interleaved repeats (the least disturbed by other load on a shared machine);
-the median is shown beside it.
+the median is shown beside it. With ``--device cuda`` the networks, the data and Lightning's trainer are on the
+GPU, and every timing waits for the GPU to finish (``torch.cuda.synchronize``) before it is read.
 """
 
 from __future__ import annotations
@@ -66,6 +68,17 @@ from lifelong.run import stream_trainer
 
 REPO = Path(__file__).resolve().parents[1]
 ROWS: list[tuple[str, str, str, str]] = []  # section, measure, value, target
+DEVICE = torch.device("cpu")  # --device
+
+
+def sync() -> None:
+    """Wait for the device, so that a timing read next includes its work."""
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize(DEVICE)
+
+
+def accelerator() -> str:
+    return "gpu" if DEVICE.type == "cuda" else "cpu"
 
 
 def row(section: str, measure: str, value: str, target: str = "") -> None:
@@ -78,8 +91,10 @@ def timed(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, tuple
     times: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
+            sync()
             t0 = time.perf_counter()
             inner = fn()
+            sync()
             times[name].append(inner if isinstance(inner, float) else time.perf_counter() - t0)
     return {k: (min(v), statistics.median(v)) for k, v in times.items()}
 
@@ -92,9 +107,11 @@ def fmt(best_median: tuple[float, float], unit: str = "s") -> str:
 # ---- training steps ------------------------------------------------------------------------------------
 class _EpochTimer(L.Callback):
     def on_train_epoch_start(self, *args: object) -> None:
+        sync()
         self.start = time.perf_counter()
 
     def on_train_epoch_end(self, *args: object) -> None:
+        sync()
         self.seconds = time.perf_counter() - self.start
 
 
@@ -120,7 +137,7 @@ def _fit(dm: PermutedStream, callbacks: list[L.Callback], out: Path, logger: obj
     net = MLP((1, 28, 28), 10)
     module = ContinualClassifier(net, functools.partial(torch.optim.SGD, lr=0.1), dm.num_tasks, 10)
     trainer_factory = functools.partial(
-        L.Trainer, accelerator="cpu", devices=1, limit_val_batches=0, enable_model_summary=False
+        L.Trainer, accelerator=accelerator(), devices=1, limit_val_batches=0, enable_model_summary=False
     )
     trainer, _ = stream_trainer(dm, out, trainer=trainer_factory, callbacks=callbacks, logger=logger)
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
@@ -131,9 +148,10 @@ def _fit(dm: PermutedStream, callbacks: list[L.Callback], out: Path, logger: obj
 def minimal_epoch(make_batch: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]], n: int) -> float:
     """A minimal PyTorch loop: same model, optimizer, batch size and number of steps."""
     torch.manual_seed(0)
-    net = MLP((1, 28, 28), 10)
+    net = MLP((1, 28, 28), 10).to(DEVICE)
     opt = torch.optim.SGD(net.parameters(), lr=0.1)
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(0))
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(0)).to(DEVICE)
+    sync()
     start = time.perf_counter()
     for idx in order.split(128):
         x, y = make_batch(idx)
@@ -141,6 +159,7 @@ def minimal_epoch(make_batch: Callable[[torch.Tensor], tuple[torch.Tensor, torch
         opt.zero_grad()
         loss.backward()
         opt.step()
+    sync()
     return time.perf_counter() - start
 
 
@@ -179,7 +198,7 @@ def bare_lightning_epoch(batches: list[tuple[torch.Tensor, torch.Tensor]]) -> fl
     torch.manual_seed(0)
     timer = _EpochTimer()
     trainer = L.Trainer(
-        accelerator="cpu",
+        accelerator=accelerator(),
         devices=1,
         max_epochs=1,
         logger=False,
@@ -202,6 +221,7 @@ def ewc_with_one_past_task(dm: PermutedStream) -> EWC:
     ewc = EWC(ewc_lambda=60.0)
     torch.manual_seed(0)
     holder = ContinualClassifier(MLP((1, 28, 28), 10), functools.partial(torch.optim.SGD, lr=0.1), dm.num_tasks, 10)
+    holder.to(dm.train_data(0).images.device)
     params = dict(holder.named_parameters())
     data = dm.train_data(0).subset(2048, torch.Generator().manual_seed(0))
     ewc.consolidate(fisher_sums(holder, dm.loader(data, train=False)).mean(), params)
@@ -211,13 +231,14 @@ def ewc_with_one_past_task(dm: PermutedStream) -> EWC:
 def section_train(root: str | None, repeats: int) -> None:
     print("\n[train] one epoch of permuted MNIST, MLP 2 x 400, batch 128, SGD", flush=True)
     dm = _stream(root)
+    dm.to(DEVICE)  # the minimal loops' tensors; the Lightning path moves the stream to its module's device itself
     data = dm.train_data(0)
     assert dm.transform is not None
     transform = dm.transform
     images, labels, n = data.images, data.labels, len(data)
-    task = torch.zeros(n, dtype=torch.long)
+    task = torch.zeros(n, dtype=torch.long, device=DEVICE)
     premade = transform(images, task, 0).contiguous()  # the whole task as standardised floats, made once
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(0))
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(0)).to(DEVICE)
     batches = [(premade.index_select(0, i), labels.index_select(0, i)) for i in order.split(128)]
     tmp = Path(tempfile.mkdtemp(prefix="lifelong-bench-"))
     res = timed(
@@ -249,7 +270,8 @@ def section_train(root: str | None, repeats: int) -> None:
 def _fisher_case(
     name: str, net: nn.Module, x: torch.Tensor, y: torch.Tensor, loop_n: dict[str, int], batch: int, repeats: int
 ) -> None:
-    t = torch.zeros(len(y), dtype=torch.long)
+    net, x, y = net.to(DEVICE), x.to(DEVICE), y.to(DEVICE)
+    t = torch.zeros(len(y), dtype=torch.long, device=DEVICE)
 
     def batches(n: int, size: int = batch) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         return [(x[i : min(i + size, n)], y[i : min(i + size, n)], t[i : min(i + size, n)]) for i in range(0, n, size)]
@@ -269,14 +291,16 @@ def _fisher_case(
     row("fisher", f"{name}: one training epoch over {n:,} images (minimal loop)", fmt(ep))
 
     def gen() -> torch.Generator:
-        return torch.Generator().manual_seed(0)
+        return torch.Generator(device=DEVICE).manual_seed(0)
 
     for ftype in ("empirical", "sampled", "exact"):
         fast = timed({"f": lambda ft=ftype: fisher_sums(net, full, ft, generator=gen())}, max(1, repeats - 1))["f"]
         m = loop_n[ftype]
         sub = batches(m)
+        sync()
         t0 = time.perf_counter()
         ref = per_sample_loop_fisher(net, sub, ftype, generator=gen()).mean()
+        sync()
         loop_full = (time.perf_counter() - t0) * n / m
         got = fisher_sums(net, sub, ftype, generator=gen()).mean()
         err = max(((got[k] - ref[k]).norm() / ref[k].norm()).item() for k in ref)
@@ -318,19 +342,20 @@ def section_fisher(root: str | None, repeats: int, cnn_images: int) -> None:
 def section_tasks(repeats: int) -> None:
     print("\n[tasks] separate-mode EWC after 1, 10 and 50 past tasks (MLP 2 x 400, batch 128)", flush=True)
     torch.manual_seed(0)
-    module = ContinualClassifier(MLP((1, 28, 28), 10), functools.partial(torch.optim.SGD, lr=0.1), 1, 10)
+    module = ContinualClassifier(MLP((1, 28, 28), 10), functools.partial(torch.optim.SGD, lr=0.1), 1, 10).to(DEVICE)
     opt = torch.optim.SGD(module.parameters(), lr=0.1)
     params = dict(module.named_parameters())
-    x, y = torch.randn(128, 1, 28, 28), torch.randint(0, 10, (128,))
+    x, y = torch.randn(128, 1, 28, 28, device=DEVICE), torch.randint(0, 10, (128,), device=DEVICE)
     g = torch.Generator().manual_seed(0)
     ewcs = {}
     for k in (1, 10, 50):
         ewc = EWC()
         for _ in range(k):  # Fisher-sized values (1e-4): the steps stay finite, as in a real run
-            ewc.consolidate({n: 1e-4 * torch.rand(p.shape, generator=g) for n, p in params.items()}, params)
+            ewc.consolidate({n: 1e-4 * torch.rand(p.shape, generator=g).to(DEVICE) for n, p in params.items()}, params)
         ewcs[k] = ewc
 
     def steps(ewc: EWC) -> float:
+        sync()
         start = time.perf_counter()
         for _ in range(200):  # the same batch: only the cost is measured
             loss = F.cross_entropy(module(x), y)
@@ -338,8 +363,10 @@ def section_tasks(repeats: int) -> None:
             loss.backward()
             ewc.add_penalty_grad(module)
             opt.step()
+        sync()
+        seconds = (time.perf_counter() - start) / 200
         assert all(torch.isfinite(p).all() for p in module.parameters())
-        return (time.perf_counter() - start) / 200
+        return seconds
 
     res = timed({k: functools.partial(steps, e) for k, e in ewcs.items()}, repeats)
     for k, ewc in ewcs.items():
@@ -473,14 +500,15 @@ def dwa_step(method: str, case: str, steps: int) -> dict[str, float]:
     torch.manual_seed(0)
     base = make()
     net: nn.Module = HATNet(base, 2) if method == "hat" else DWANet(base, shape)
+    net.to(DEVICE)
     if method == "dwa":
         for layer in net.masked:  # type: ignore[union-attr]
             layer.importance = torch.rand_like(layer.weight) * 1e-4  # a second task's mask loss
     opt = torch.optim.Adam(net.parameters(), lr=1e-3)
-    x, y = torch.randn(batch, *shape), torch.randint(0, classes, (batch,))
-    task = torch.ones(batch, dtype=torch.long)
+    x, y = torch.randn(batch, *shape, device=DEVICE), torch.randint(0, classes, (batch,), device=DEVICE)
+    task = torch.ones(batch, dtype=torch.long, device=DEVICE)
     hat = HAT()
-    hat.previous = [torch.zeros(e.shape[1]) for e in getattr(net, "embeddings", [])]
+    hat.previous = [torch.zeros(e.shape[1], device=DEVICE) for e in getattr(net, "embeddings", [])]
 
     def step() -> None:
         out = net(x, task)
@@ -500,11 +528,19 @@ def dwa_step(method: str, case: str, steps: int) -> dict[str, float]:
     step()  # allocate the optimizer's state before the baseline is read
     with open("/proc/self/statm") as f:
         before = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    if DEVICE.type == "cuda":
+        sync()
+        before = torch.cuda.memory_allocated(DEVICE) / 2**20
+        torch.cuda.reset_peak_memory_stats(DEVICE)
     start = time.perf_counter()
     for _ in range(steps):
         step()
+    sync()
     seconds = (time.perf_counter() - start) / steps
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if DEVICE.type == "cuda":  # the device's memory: what the step allocates over what was held before it
+        peak = torch.cuda.max_memory_allocated(DEVICE) / 2**20
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     params = sum(p.numel() for p in net.parameters())
     return {"step_s": seconds, "peak_mib": max(0.0, peak - before), "params": params}
 
@@ -516,7 +552,7 @@ def section_dwa(repeats: int) -> None:
         for method in ("hat", "dwa"):
             runs = []
             for _ in range(max(1, repeats // 2)):
-                cmd = [sys.executable, __file__, "--dwa-step", method, case]
+                cmd = [sys.executable, __file__, "--dwa-step", method, case, "--device", str(DEVICE)]
                 out = subprocess.run(cmd, capture_output=True, text=True, check=True)
                 runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
             results[method] = {k: min(r[k] for r in runs) for k in runs[0]}
@@ -527,10 +563,10 @@ def section_dwa(repeats: int) -> None:
         row("dwa", f"{case}: HAT / DWA parameters", f"{hat['params'] / 1e6:.2f} M / {dwa['params'] / 1e6:.2f} M")
     # the masked layers, vectorised against a loop over the samples (the original code's convolution)
     torch.manual_seed(0)
-    net = DWANet(AlexNet((3, 32, 32), 10, dropout=(0.0, 0.0)), (3, 32, 32))
+    net = DWANet(AlexNet((3, 32, 32), 10, dropout=(0.0, 0.0)), (3, 32, 32)).to(DEVICE)
     conv = net.masked[0]  # 64 -> 128 channels, 3x3
-    x = torch.randn(32, 64, 14, 14)
-    emb = torch.rand(32, 100)
+    x = torch.randn(32, 64, 14, 14, device=DEVICE)
+    emb = torch.rand(32, 100, device=DEVICE)
 
     def vectorised() -> None:
         net.context.emb = emb
@@ -595,12 +631,20 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--e2e-tasks", type=int, default=10)
     parser.add_argument("--cnn-images", type=int, default=5000)
+    parser.add_argument("--device", default="cpu", help="cpu, or cuda (the sections train, fisher, tasks and dwa)")
     parser.add_argument("--json", help="also write the table here")
     parser.add_argument("--pipeline-baseline", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     parser.add_argument("--dwa-step", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
+    global DEVICE
+    DEVICE = torch.device(args.device)
+    if DEVICE.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is visible to this process")
+    on_cpu_only = sorted(set(args.sections) & {"e2e", "memory"})
+    if DEVICE.type != "cpu" and on_cpu_only and not (args.dwa_step or args.pipeline_baseline):
+        parser.error(f"--device {args.device}: the sections {on_cpu_only} measure the CPU path only; leave them out")
     if args.dwa_step:
         print(json.dumps(dwa_step(*args.dwa_step, steps=10)))
         return
@@ -610,7 +654,7 @@ def main() -> None:
     print(
         f"lifelong benchmark: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
         f"torch {torch.__version__} ({torch.get_num_threads()} threads), lightning {L.__version__}, "
-        f"cuda {'yes: ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'no'}"
+        f"cuda {'yes: ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'no'}; measured on {DEVICE}"
     )
     if "train" in args.sections:
         section_train(args.data_root, args.repeats)

@@ -81,6 +81,19 @@ def test_nan_loss_stops_with_a_message_and_keeps_the_last_good_checkpoint(tmp_pa
     assert not (tmp_path / "run" / "metrics.json").exists()
 
 
+def test_the_loss_watch_finds_the_first_non_finite_loss():
+    """The accelerator's NaN check (noted on the device, read at log steps, task ends and epoch ends), here on
+    CPU tensors: it reports the first bad loss, with its batch and step."""
+    from lifelong.models.module import LossWatch
+
+    watch = LossWatch()
+    watch.note(torch.tensor(0.5), 0, 10)
+    assert watch.found() is None
+    watch.note(torch.tensor(float("inf")), 3, 13)
+    watch.note(torch.tensor(float("nan")), 4, 14)
+    assert watch.found() == (float("inf"), 3, 13)
+
+
 BAD = [
     (["method=ewcc"], 1, ["Could not find 'method/ewcc'", "Available options"]),
     (["dataset=permuted_cifar"], 1, ["Could not find 'dataset/permuted_cifar'", "permuted_mnist"]),

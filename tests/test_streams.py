@@ -143,7 +143,7 @@ def test_svhn_loads_from_its_mat_files(vision_fixtures):
 
 def test_corrupt_cifar_is_reported(vision_fixtures):
     (vision_fixtures / "cifar-10-batches-py" / "data_batch_1").write_bytes(b"not a pickle")
-    with pytest.raises(sources_module.CorruptDataError, match="CIFAR10 files"):
+    with pytest.raises(sources_module.CorruptDataError, match=r"data_batch_1 fails torchvision's MD5 check"):
         load_image_dataset("cifar10", vision_fixtures, download=False)
 
 

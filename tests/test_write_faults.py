@@ -264,3 +264,19 @@ def test_a_log_file_that_cannot_be_written_is_said_once(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.count(f"warning: the log file {tmp_path / 'train.log'} cannot be written (Input/output error)") == 1
     assert "Logging error" not in err and "Traceback" not in err
+
+
+def test_summarize_names_the_file_it_cannot_write(tmp_path, monkeypatch, capsys):
+    """``scripts/summarize.py``'s table: the same atomic write, one message, exit 2, no half-written CSV."""
+    from lifelong.metrics.summary import main
+
+    run = tmp_path / "sweep" / "0"
+    run.mkdir(parents=True)
+    (run / "metrics.json").write_text(
+        '{"method": "ewc", "dataset": "permuted_mnist", "seed": 0, "num_tasks": 1, "scenario": "domain", '
+        '"accuracy_matrix": [[0.9]], "avg_accuracy": 0.9, "bwt": 0.0, "forgetting": 0.0}'
+    )
+    _replace_fails_for(monkeypatch, "summary.csv")
+    assert main([str(tmp_path / "sweep")]) == 2
+    assert f"error: could not write {tmp_path / 'sweep' / 'summary.csv'}: Input/output error" in capsys.readouterr().err
+    assert sorted(p.name for p in (tmp_path / "sweep").iterdir()) == ["0"]

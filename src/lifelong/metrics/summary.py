@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import json
 import math
 import statistics
@@ -27,6 +28,8 @@ from typing import Any
 from matplotlib.figure import Figure
 
 from lifelong.config import flatten
+from lifelong.errors import WriteError
+from lifelong.files import atomic_open, save_atomic
 
 METRICS = ("avg_accuracy", "bwt", "forgetting", "fwt", "learning_accuracy")
 LABELS = {"avg_accuracy": "ACC", "bwt": "BWT", "forgetting": "forgetting", "fwt": "FWT", "learning_accuracy": "LA"}
@@ -200,7 +203,7 @@ def selection_markdown(chosen: Sequence[Selection]) -> str:
 
 def write_csv(groups: Sequence[Group], path: Path) -> None:
     keys = (*_table_keys(groups), SELECT_ON)
-    with open(path, "w", newline="") as f:
+    with atomic_open(path, newline="") as f:
         writer = csv.writer(f)
         stats = [f"{k}_{s}" for k in keys for s in ("mean", "std")]
         writer.writerow(["dataset", "scenario", "num_tasks", "method", "setting", "runs", *stats, "seeds"])
@@ -236,6 +239,15 @@ def bar_chart(groups: Sequence[Group], title: str = "") -> Figure:
 
 
 def main(argv: Iterable[str] | None = None) -> int:
+    """``lifelong-summarize``; a write the system refuses ends in one message naming the file (exit 2)."""
+    try:
+        return _main(argv)
+    except WriteError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+def _main(argv: Iterable[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("folder", type=Path, help="a sweep or outputs folder; every metrics.json below it is read")
     parser.add_argument("--csv", type=Path, help="where to write the table as CSV (default FOLDER/summary.csv)")
@@ -264,7 +276,7 @@ def main(argv: Iterable[str] | None = None) -> int:
     print(f"\n{sum(len(g.seeds) for g in groups)} runs in {len(groups)} groups; table written to {out}")
     if args.plot:
         png = args.folder / "summary.png"
-        bar_chart(groups).savefig(png)
+        save_atomic(png, functools.partial(bar_chart(groups).savefig, format="png"))
         print(f"bar chart written to {png}")
     return 0
 

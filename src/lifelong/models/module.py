@@ -24,6 +24,36 @@ SCENARIOS = ("task", "domain", "class")
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], Optimizer]
 
 
+class LossWatch:
+    """Where the training loss first became NaN or infinite, noted on the loss's device with no host sync.
+
+    On a CPU the module checks every step's loss before the step (free there); on an accelerator that check
+    would wait for the device at every step, so each step only records, on the device, the first non-finite
+    loss with its batch and step, and :meth:`found` (one sync) is read at steps that sync anyway (the log
+    steps), before each task's evaluation and at each epoch end: a NaN never reaches a checkpoint.
+    """
+
+    def __init__(self) -> None:
+        self._noted: tuple[Tensor, Tensor, Tensor] | None = None  # loss, batch, step; batch -1 while all finite
+
+    def note(self, loss: Tensor, batch_idx: int, step: int) -> None:
+        loss = loss.detach().float()
+        if self._noted is None or self._noted[0].device != loss.device:
+            none = torch.full((), -1, dtype=torch.long, device=loss.device)
+            self._noted = (torch.zeros((), device=loss.device), none, none.clone())
+        value, batch, at = self._noted
+        new = torch.isfinite(loss).logical_not() & (batch < 0)  # (), on the device; Python numbers need no copy
+        self._noted = (torch.where(new, loss, value), torch.where(new, batch_idx, batch), torch.where(new, step, at))
+
+    def found(self) -> tuple[float, int, int] | None:
+        """``(loss, batch, step)`` of the first non-finite loss noted, or ``None`` (reads the device once)."""
+        if self._noted is None:
+            return None
+        value, batch, step = self._noted
+        first, at = torch.stack([batch, step]).tolist()
+        return None if first < 0 else (float(value), int(first), int(at))
+
+
 class ContinualClassifier(L.LightningModule):
     """Wraps an ``nn.Module`` classifier for a task stream (see :class:`lifelong.data.TaskStream`).
 
@@ -123,6 +153,7 @@ class ContinualClassifier(L.LightningModule):
             self.register_buffer(name, torch.full(shape(num_tasks), float("nan")))
         self._methods: list[ContinualMethod] = []
         self._loss_method: ContinualMethod | None = None  # the method whose loss replaces the cross-entropy
+        self._loss_watch = LossWatch()
 
     @classmethod
     def for_stream(cls, net: nn.Module, optimizer: OptimizerFactory, stream: TaskStream, **kwargs: Any) -> Self:
@@ -221,9 +252,14 @@ class ContinualClassifier(L.LightningModule):
         x, task = batch[0], batch[2]  # a stream may add each sample's row (TaskStream.train_rows)
         outputs = self.outputs(x, task)
         loss = self._classification_loss(batch, outputs)
-        if not torch.isfinite(loss):  # stop before a NaN reaches the weights (and any checkpoint)
-            raise self._non_finite(loss, batch_idx)
         log = log_now(self.trainer)
+        if loss.device.type == "cpu":  # the check costs nothing here: stop before a NaN reaches the weights
+            if not torch.isfinite(loss):
+                raise self._non_finite(float(loss), batch_idx)
+        else:  # on an accelerator reading it is a host sync: noted on the device, read where one happens anyway
+            self._loss_watch.note(loss, batch_idx, self.global_step)
+            if log:
+                self._raise_if_non_finite()
         if log:
             self.log("train/loss", loss, prog_bar=True)
         for method in self._methods:
@@ -241,17 +277,39 @@ class ContinualClassifier(L.LightningModule):
                 return loss
         return F.cross_entropy(self.heads(outputs, batch[2]), batch[1])
 
-    def _non_finite(self, loss: Tensor, batch_idx: int) -> NonFiniteLossError:
+    def _non_finite(
+        self, loss: float, batch_idx: int, step: int | None = None, after: bool = False
+    ) -> NonFiniteLossError:
         dm = stream_of(self.trainer)
         epoch = self.current_epoch
         ckpt = getattr(self.trainer.checkpoint_callback, "dirpath", None)
+        stopped = (
+            "Training stopped before the next checkpoint, which would have held its weights"
+            if after
+            else "Training stopped before this step changed the weights"
+        )
         return NonFiniteLossError(
-            f"the training loss is {loss.item()} at task {dm.task_of_epoch(epoch) + 1}/{dm.num_tasks} "
+            f"the training loss is {loss} at task {dm.task_of_epoch(epoch) + 1}/{dm.num_tasks} "
             f"(epoch {epoch % dm.epochs_per_task + 1}/{dm.epochs_per_task} of the task, batch {batch_idx}, "
-            f"global step {self.global_step}). Training stopped before this step changed the weights"
+            f"global step {self.global_step if step is None else step}). {stopped}"
             + (f"; the checkpoints written so far are intact in {ckpt}" if ckpt else "")
             + ". Lower the learning rate (optimizer.lr) or the method's strength (e.g. method.ewc_lambda)."
         )
+
+    def _raise_if_non_finite(self) -> None:
+        """Raise if the watch noted a non-finite loss (one host sync): at log steps, before a task's evaluation
+        and at each epoch end, that is, before any checkpoint."""
+        found = self._loss_watch.found()
+        if found is not None:
+            raise self._non_finite(*found, after=True)
+
+    @override
+    def on_validation_epoch_start(self) -> None:
+        self._raise_if_non_finite()
+
+    @override
+    def on_train_epoch_end(self) -> None:
+        self._raise_if_non_finite()
 
     @override
     def validation_step(self, batch: tuple[Tensor, Tensor, Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
