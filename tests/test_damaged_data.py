@@ -152,6 +152,19 @@ def svhn_four_channels(root: Path, monkeypatch) -> tuple[list[str], list[str]]:
     return ["dataset=dataset_sequence", "dataset.datasets=[svhn]"], ["shape (4, 32, 32)", str(path), "1 (grey) or 3"]
 
 
+def usps_label_out_of_range(root: Path) -> tuple[list[str], list[str]]:
+    """USPS's LIBSVM text (``label 1:v ... 256:v``, labels 1-10), bz2-compressed; a label 0 reads as -1."""
+    import bz2
+
+    folder = root / "USPS"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for name, labels in (("usps.bz2", [0] + [c % 10 + 1 for c in range(1, 20)]), ("usps.t.bz2", list(range(1, 11)))):
+        lines = [f"{k} " + " ".join(f"{i + 1}:{v:.4f}" for i, v in enumerate(rng.uniform(-1, 1, 256))) for k in labels]
+        (folder / name).write_bytes(bz2.compress(("\n".join(lines) + "\n").encode()))
+    return ["dataset=dataset_sequence", "dataset.datasets=[usps]"], ["(e.g. -1) in", str(folder / "usps.bz2")]
+
+
 # ---- one file per image: GTSRB and image folders --------------------------------------------------------------
 def gtsrb_csv_class_out_of_range(root: Path) -> tuple[list[str], list[str]]:
     write_gtsrb(root)
@@ -197,6 +210,7 @@ CASES = [
     cifar100_label_out_of_range,
     svhn_count_mismatch,
     svhn_four_channels,
+    usps_label_out_of_range,
     gtsrb_csv_class_out_of_range,
     gtsrb_image_that_cannot_be_decoded,
     folder_image_that_cannot_be_decoded,

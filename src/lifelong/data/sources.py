@@ -254,14 +254,16 @@ def _split_files(src: Source, root: Path, train: bool) -> SplitFiles:
         batches = [f for f, _ in (cls.train_list if train else cls.test_list)]
         where = str(root / cls.base_folder / (batches[0] if len(batches) == 1 else f"{{{','.join(batches)}}}"))
         return SplitFiles(name, split, where, where)
-    if cls is datasets.SVHN:
+    if cls in (datasets.SVHN, datasets.USPS):  # split_list: {split: [url, file name, md5]}
         where = str(root / cls.split_list["train" if train else "test"][1])
         return SplitFiles(name, split, where, where)
-    base = root / "gtsrb"
-    if train:
-        folder = base / "GTSRB" / "Training"
-        return SplitFiles(name, split, str(folder), f"the class folders of {folder}")
-    return SplitFiles(name, split, str(base / "GTSRB" / "Final_Test" / "Images"), str(base / "GT-final_test.csv"))
+    if cls is datasets.GTSRB:
+        base = root / "gtsrb"
+        if train:
+            folder = base / "GTSRB" / "Training"
+            return SplitFiles(name, split, str(folder), f"the class folders of {folder}")
+        return SplitFiles(name, split, str(base / "GTSRB" / "Final_Test" / "Images"), str(base / "GT-final_test.csv"))
+    return SplitFiles(name, split, str(root), str(root))
 
 
 def _damaged_files(src: Source, root: Path) -> list[str]:
