@@ -52,7 +52,7 @@ bench: $(STAMP)  ## speed and memory targets (docs/performance.md)
 	$(BIN)/python scripts/benchmark.py $(ARGS)
 
 # On a GPU machine: a fresh environment, the gpu-marked tests, the runs (CPU against GPU, mixed precision, DDP)
-# and the CUDA benchmark, one report (docs/performance.md, "On a GPU"). WHEELS=DIR: offline, on the machine's torch.
+# and the CUDA benchmark, one report (docs/performance.md, "On a GPU"). WHEELS=DIR: offline, on PYTHON's own torch.
 gpu-check:
 	WHEELS=$(WHEELS) REPORT=$(REPORT) PYTHON=$(PYTHON) scripts/gpu_check.sh $(ARGS)
 
@@ -61,4 +61,4 @@ gpu-wheels: $(STAMP)
 	$(BIN)/python -m pip wheel -q --no-deps -w .whl hydra-core==1.3.8 omegaconf==2.3.1 antlr4-python3-runtime==4.9.3
 
 clean:
-	rm -rf $(VENV) .venv-gpu outputs multirun site .pytest_cache .ruff_cache .mypy_cache
+	rm -rf $(VENV) .venv-gpu .venv-gpu-site outputs multirun site .pytest_cache .ruff_cache .mypy_cache
