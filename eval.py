@@ -16,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from lifelong import evaluate
 from lifelong.checkpoints import read_checkpoint
 from lifelong.cli import build, exit_with
-from lifelong.errors import LifelongError
+from lifelong.errors import LifelongError, WriteError
 from lifelong.files import write_atomic
 from lifelong.logs import quiet_lightning
 
@@ -69,7 +69,10 @@ def main(cfg: DictConfig) -> None:
             "scenario": stream.scenario,
             "seed": info.get("seed"),
         }
-        write_atomic(cfg.out, json.dumps(result, indent=2) + "\n")
+        try:
+            write_atomic(cfg.out, json.dumps(result, indent=2) + "\n")
+        except WriteError as err:  # a full disk, a read-only folder: the result above is printed already
+            exit_with(str(err))
 
 
 if __name__ == "__main__":
