@@ -280,3 +280,39 @@ def test_summarize_names_the_file_it_cannot_write(tmp_path, monkeypatch, capsys)
     assert main([str(tmp_path / "sweep")]) == 2
     assert f"error: could not write {tmp_path / 'sweep' / 'summary.csv'}: Input/output error" in capsys.readouterr().err
     assert sorted(p.name for p in (tmp_path / "sweep").iterdir()) == ["0"]
+
+
+def test_decompressing_data_onto_a_full_disk_names_the_file(tmp_path, small_fs, monkeypatch):
+    """Debian's Fashion-MNIST .gz files decompressed into a data folder that fills up: one WriteError naming the
+    file, no half-written IDX file left to be taken for a good one."""
+    from lifelong.data import load_image_dataset, sources
+    from lifelong.errors import WriteError
+    from tests.conftest import write_idx
+
+    system = tmp_path / "system"
+    write_idx(system / "fashion-mnist", n=400, gz=True)  # 400 x 784 bytes of training images: more than fits
+    monkeypatch.setattr(sources, "SYSTEM_DIRS", (system,))
+    monkeypatch.setenv(sources.ENV_VAR, "")
+    root = small_fs(128 * 1024) / "data"
+    with pytest.raises(WriteError, match="No space left on device") as err:
+        load_image_dataset("fashion_mnist", root, download=False)
+    raw = root / "FashionMNIST" / "raw"
+    assert err.value.path == str(raw / "train-images-idx3-ubyte")
+    assert not any(p.name.startswith("train-images") for p in raw.iterdir())
+
+
+def test_a_read_only_data_folder_decompresses_into_the_cache(tmp_path, small_fs, monkeypatch):
+    """A read-only dataset.root (EROFS, which root's permissions cannot bypass) is passed over for the cache."""
+    from lifelong.data import load_image_dataset, sources
+    from tests.conftest import write_idx
+
+    system = tmp_path / "system"
+    write_idx(system / "fashion-mnist", gz=True)
+    monkeypatch.setattr(sources, "SYSTEM_DIRS", (system,))
+    monkeypatch.setenv(sources.ENV_VAR, "")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    mount = small_fs(1024 * 1024)
+    subprocess.run(["mount", "-o", "remount,ro", str(mount)], check=True)
+    train, _ = load_image_dataset("fashion_mnist", mount / "data", download=False)
+    assert len(train) == 20
+    assert (tmp_path / "cache" / "lifelong" / "data" / "FashionMNIST" / "raw" / "train-images-idx3-ubyte").is_file()

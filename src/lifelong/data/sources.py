@@ -25,11 +25,13 @@ fixed size (32 x 32 unless the stream asks for another).
 
 from __future__ import annotations
 
+import errno
 import gzip
 import logging
 import os
 import pickle
 import shutil
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,7 +46,8 @@ from torchvision.datasets.folder import IMG_EXTENSIONS
 from torchvision.datasets.utils import check_integrity
 
 from lifelong.data.checks import SplitFiles, check_class_folders, check_idx_split, check_same_shape, check_split
-from lifelong.errors import CorruptDataError, DataNotFoundError
+from lifelong.errors import CorruptDataError, DataNotFoundError, WriteError
+from lifelong.files import write_error
 
 log = logging.getLogger(__name__)
 
@@ -179,9 +182,14 @@ def _gunzip_into(src: Path, raw_folder: Path) -> None:
         try:
             with gzip.open(src / f"{name}.gz", "rb") as fin, open(tmp, "wb") as fout:
                 shutil.copyfileobj(fin, fout)
-        except (OSError, EOFError) as err:
+        except (gzip.BadGzipFile, EOFError, zlib.error) as err:  # the .gz itself
             tmp.unlink(missing_ok=True)
             raise CorruptDataError(f"cannot decompress {src / (name + '.gz')}: {err}") from err
+        except OSError as err:  # the copy
+            tmp.unlink(missing_ok=True)
+            if err.errno in _READ_ONLY:
+                raise  # a read-only data folder: the caller decompresses into the cache instead
+            raise write_error(err, target) from None  # a full disk, an I/O error
         tmp.replace(target)  # atomic: a half-written file is never taken for a good one
 
 
@@ -361,10 +369,16 @@ def _gunzip_somewhere(gz: Path, root: str | os.PathLike[str] | None, cls_dir: st
         try:
             _gunzip_into(gz, target / cls_dir / "raw")
             return target
-        except PermissionError:
-            if i == len(targets) - 1:
+        except OSError as err:
+            if isinstance(err, WriteError):
                 raise
+            if err.errno in _READ_ONLY and i < len(targets) - 1:
+                continue  # the next folder
+            raise write_error(err, target / cls_dir / "raw") from None
     raise AssertionError("unreachable")
+
+
+_READ_ONLY = (errno.EACCES, errno.EPERM, errno.EROFS)  # a folder we may not write: try the next one
 
 
 def _default_cache() -> Path:
