@@ -44,7 +44,7 @@ from lifelong.cli import (
 from lifelong.config import name_the_key
 from lifelong.data import TaskStream
 from lifelong.errors import ConfigError, LifelongError, ResumeError, WriteError
-from lifelong.files import write_error
+from lifelong.files import remove_stale_temporaries, write_error
 from lifelong.logs import guard_log_files, quiet_lightning
 from lifelong.models import ContinualClassifier
 from lifelong.run import stream_trainer
@@ -111,6 +111,9 @@ def run(cfg: DictConfig, output_dir: Path, choices: dict[str, Any], sweep_dir: P
         if rank_zero_only.rank == 0:
             if cfg.overwrite and state != "empty":
                 clear_results(output_dir)  # asked for, and every check passed
+            for folder in (output_dir, output_dir / "checkpoints"):  # a killed write's leftovers
+                for stale in remove_stale_temporaries(folder):
+                    log.info(f"removed {stale}, the temporary file of a write that did not finish")
             save_config(output_dir, cfg, HydraConfig.instance().cfg if HydraConfig.initialized() else None)
             info, epochs = report.info, cfg.epochs_per_task
             start = f"resumed from {ckpt_path}" if ckpt_path else "from the start"

@@ -132,8 +132,11 @@ def test_resume_passes_over_a_damaged_last_checkpoint(tmp_path, mnist_root, unin
     (run / "checkpoints" / "task_3.ckpt").unlink()
     last = run / "checkpoints" / "last.ckpt"
     last.write_bytes(last.read_bytes()[: last.stat().st_size // 3])
+    stale = run / "checkpoints" / ".task_3.ckpt.k3j2h1g0.tmp"  # what a kill during a write leaves
+    stale.write_bytes(b"half a checkpoint")
     with caplog.at_level(logging.INFO):
         metrics = compose_run([*overrides, "resume=true"], run)
+    assert not stale.exists() and f"removed {stale}" in caplog.text
     assert f"passing over {last}: it cannot be read as a checkpoint" in caplog.text
     assert f"resuming the stream from {run / 'checkpoints' / 'task_2.ckpt'} (instead of last.ckpt" in caplog.text
     assert metrics["accuracy_matrix"] == uninterrupted["accuracy_matrix"]

@@ -55,6 +55,15 @@ def atomic_open(path: str | Path, mode: str = "w", **kwargs: Any) -> Iterator[IO
         raise
 
 
+def remove_stale_temporaries(folder: str | Path) -> list[Path]:
+    """Remove the temporary files :func:`atomic_open` left in ``folder`` (not below it) when its process was
+    killed mid-write (``.NAME.XXXXXXXX.tmp``, never taken for a result or checkpoint); returns them."""
+    stale = [p for p in Path(folder).glob(".*.tmp") if p.is_file()]
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale
+
+
 def write_atomic(path: str | Path, text: str) -> None:
     """``Path(path).write_text(text)``, atomically (see :func:`atomic_open`)."""
     with atomic_open(path) as f:
