@@ -25,6 +25,7 @@ from omegaconf import DictConfig
 from lifelong.callbacks import StreamReport
 from lifelong.checkpoints import UnreadableCheckpoint, check_checkpoint, read_checkpoint
 from lifelong.cli import (
+    EXIT_BAD_INPUT,
     USER_ERRORS,
     FolderState,
     RunComplete,
@@ -129,6 +130,13 @@ def run(cfg: DictConfig, output_dir: Path, choices: dict[str, Any], sweep_dir: P
             exit_with(message)
         log.error(f"error: {message}\n(this job failed; the sweep goes on)")
         return math.nan
+    except Exception as err:
+        if rank_zero_only.rank == 0 or not _peer_stopped(err):
+            raise
+        # Another process of the run (rank 0, which writes the files) failed and says why; this one only lost
+        # its peer while waiting at a collective, before Lightning's launcher stopped it
+        print(f"\nrank {rank_zero_only.rank}: stopped, as another process of the run failed", file=sys.stderr)
+        sys.exit(EXIT_BAD_INPUT)
     metrics = report.metrics
     if datamodule.has_validation:
         return metrics.get("val_avg_accuracy")
@@ -177,6 +185,12 @@ def _prepare(
         where = f"ckpt_path={ckpt_path}" if cfg.ckpt_path is not None else f"the run's checkpoint {ckpt_path}"
         check_checkpoint(ckpt, ckpt_path, trainer, module, datamodule, info, RESUME_MAY_DIFFER, where)
     return datamodule, module, trainer, report, ckpt_path, state
+
+
+def _peer_stopped(err: BaseException) -> bool:
+    """Whether ``err`` is a collective that lost its peer (the other process of a DDP run stopped)."""
+    words = ("Connection closed by peer", "Connection reset by peer", "Broken pipe")
+    return isinstance(err, torch.distributed.DistError) or any(w in str(err) for w in words)
 
 
 def _write_failed(err: BaseException, output_dir: Path) -> str:

@@ -96,6 +96,26 @@ def test_a_full_disk_during_a_checkpoint_write(tmp_path, small_fs, mnist_root, u
 
 
 @pytest.mark.integration
+def test_a_full_disk_under_ddp(tmp_path, small_fs, mnist_root, uninterrupted):
+    """The same fault under data-parallel training (2 processes, gloo): rank 0's refused write stops both ranks
+    (no rank left waiting at a collective), with the one message, and the resumed run ends at the matrix of an
+    uninterrupted 2-process run."""
+    args = [f"dataset.root={mnist_root}", *STREAM, *QUIET, "trainer=ddp_cpu", "logger=none"]
+    env = {"LIFELONG_DATA_DIR": "", "OMP_NUM_THREADS": "1"}
+    size = uninterrupted["ckpt_bytes"]
+    run = small_fs(2 * size + size // 2) / "run"
+    proc = run_train(args, run, env=env, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert f"error: could not write {run / 'checkpoints' / 'task_2.ckpt'}: No space left on device" in proc.stderr
+    assert "Traceback" not in proc.stderr and _intact(run) == ["last.ckpt", "task_1.ckpt"]
+    small_fs(200 * 2**20)
+    assert run_train([*args, "resume=true"], run, env=env, timeout=300).returncode == 0
+    whole = tmp_path / "whole"
+    assert run_train(args, whole, env=env, timeout=300).returncode == 0
+    assert read_metrics(run)["accuracy_matrix"] == read_metrics(whole)["accuracy_matrix"]
+
+
+@pytest.mark.integration
 def test_a_full_disk_while_the_results_are_written(tmp_path, small_fs, mnist_root, uninterrupted, capsys, monkeypatch):
     """The disk fills up just before the results are written (the training is done, the checkpoints kept)."""
     from lifelong.callbacks import StreamReport
