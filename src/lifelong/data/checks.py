@@ -11,7 +11,7 @@ number as if it were a result. Every source is checked here when it is loaded, a
 - every split, once read (:func:`check_split`): as many labels as images, labels inside the class range,
   every class with at least one image, images of 1 or 3 channels and of a usable size, the test split's
   images of the training split's shape (:func:`check_same_shape`);
-- image folders, before reading: a class folder without images (:func:`check_class_folders`); an image that
+- image folders, as listed: a class folder without images (:func:`check_class_folders`); an image that
   cannot be decoded is named by the reader (:func:`lifelong.data.sources.load_image_folder`).
 """
 
@@ -169,14 +169,17 @@ def check_same_shape(train: torch.Tensor, test: torch.Tensor, test_files: SplitF
 
 
 # ---- image folders --------------------------------------------------------------------------------------------
-def check_class_folders(folder: Path, classes: Sequence[str], extensions: tuple[str, ...]) -> None:
-    """Every class folder of an ImageFolder dataset holds at least one image file."""
+def check_class_folders(
+    folder: Path, classes: Sequence[str], counts: Sequence[int], extensions: tuple[str, ...]
+) -> None:
+    """Every class folder of an ImageFolder dataset holds at least one image file (``counts``: images per class,
+    as torchvision's ``ImageFolder(..., allow_empty=True)`` found them, so the folder is walked once)."""
     if not classes:
         raise CorruptDataError(
             f"the image folder {folder} holds no class folders: put one folder of images per class in it "
             f"({folder}/<class>/*.png)"
         )
-    empty = [c for c in classes if not any(_is_image(p, extensions) for p in (folder / c).rglob("*"))]
+    empty = [c for c, n in zip(classes, counts, strict=True) if n == 0]
     if empty:
         shown = ", ".join(str(folder / c) for c in empty[:3]) + (", ..." if len(empty) > 3 else "")
         raise CorruptDataError(
@@ -188,7 +191,3 @@ def check_class_folders(folder: Path, classes: Sequence[str], extensions: tuple[
 
 def _count(n: int, noun: str) -> str:
     return f"{n:,} {noun}{'' if n == 1 else 's'}"
-
-
-def _is_image(path: Path, extensions: tuple[str, ...]) -> bool:
-    return path.is_file() and path.suffix.lower() in extensions

@@ -509,12 +509,18 @@ def load_image_folder(folder: Path, size: tuple[int, int] | None = None) -> tupl
     """
     hw = size or DEFAULT_FILE_SIZE
     parts = [folder / "train", folder / "test"] if _has_split_folders(folder) else [folder]
+    read = []
     for part in parts:
-        check_class_folders(part, _class_names(part), IMG_EXTENSIONS)
-    try:
-        read = [datasets.ImageFolder(str(part)) for part in parts]
-    except (FileNotFoundError, OSError) as err:
-        raise CorruptDataError(f"the image folder {folder} could not be read ({err})") from err
+        classes = _class_names(part)
+        if not classes:
+            check_class_folders(part, classes, [], IMG_EXTENSIONS)
+        try:
+            ds = datasets.ImageFolder(str(part), allow_empty=True)  # empty classes: named below, with their paths
+        except OSError as err:
+            raise CorruptDataError(f"the image folder {folder} could not be read ({err})") from err
+        counts = torch.bincount(torch.as_tensor(ds.targets, dtype=torch.long), minlength=len(ds.classes))
+        check_class_folders(part, ds.classes, counts.tolist(), IMG_EXTENSIONS)
+        read.append(ds)
     if len(read) == 2 and read[0].classes != read[1].classes:
         raise CorruptDataError(
             f"{folder}: train/ and test/ hold different class folders ({read[0].classes[:5]}... against "
