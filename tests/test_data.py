@@ -34,31 +34,31 @@ def test_loader_visits_every_sample_once_in_order_without_shuffle():
     loader = TensorBatchLoader(_data(10), 4, _identity)
     batches = list(loader)
     assert len(loader) == len(batches) == 3
-    assert torch.cat([y for _, y, _ in batches]).tolist() == list(range(10))
-    x, _, t = batches[0]
+    assert torch.cat([y for _, y, _, _ in batches]).tolist() == list(range(10))
+    x, t = batches[0].x, batches[0].task
     assert x.shape == (4, 1, 1, 1) and x.dtype == torch.float32 and t.tolist() == [0] * 4
 
 
 def test_shuffle_is_seeded_per_epoch():
     a = TensorBatchLoader(_data(50), 7, _identity, shuffle=True, seed=3)
     b = TensorBatchLoader(_data(50), 7, _identity, shuffle=True, seed=3)
-    first_a, first_b = (torch.cat([y for _, y, _ in loader]) for loader in (a, b))
+    first_a, first_b = (torch.cat([y for _, y, _, _ in loader]) for loader in (a, b))
     assert first_a.tolist() == first_b.tolist()
     assert sorted(first_a.tolist()) == list(range(50))
-    second_a = torch.cat([y for _, y, _ in a])  # the next epoch reshuffles
+    second_a = torch.cat([y for _, y, _, _ in a])  # the next epoch reshuffles
     assert second_a.tolist() != first_a.tolist()
     resumed = TensorBatchLoader(_data(50), 7, _identity, shuffle=True, seed=3, epoch=1)
-    assert torch.cat([y for _, y, _ in resumed]).tolist() == second_a.tolist()
+    assert torch.cat([y for _, y, _, _ in resumed]).tolist() == second_a.tolist()
 
 
 def test_ranks_partition_evaluation_and_pad_training():
     data = _data(11)
     evals = [TensorBatchLoader(data, 4, _identity, rank=r, world_size=2) for r in range(2)]
-    seen = [torch.cat([y for _, y, _ in loader]) for loader in evals]
+    seen = [torch.cat([y for _, y, _, _ in loader]) for loader in evals]
     assert sorted(torch.cat(seen).tolist()) == list(range(11))  # each sample exactly once
     train = [TensorBatchLoader(data, 4, _identity, shuffle=True, rank=r, world_size=2, pad=True) for r in range(2)]
     assert len(train[0]) == len(train[1]) == 2  # equal step counts on every rank (6 samples each)
-    assert set(torch.cat([torch.cat([y for _, y, _ in loader]) for loader in train]).tolist()) == set(range(11))
+    assert set(torch.cat([torch.cat([y for _, y, _, _ in loader]) for loader in train]).tolist()) == set(range(11))
 
 
 def test_concat_and_subset():
@@ -130,7 +130,7 @@ def test_permutations_are_reproducible_and_applied(mnist_root):
     assert all(sorted(p.tolist()) == list(range(784)) for p in a.perms)
     assert a.describe() == b.describe()
     # a batch of task 2 is the standardised images with their pixels permuted by perms[2]
-    x, y, t = next(iter(a.loader(a.test_data(2), train=False)))
+    x, y, t, _ = next(iter(a.loader(a.test_data(2), train=False)))
     raw = a.test_data(2).images[: len(y)].float().view(len(y), -1) / 255
     plain = (raw - raw.mean()) / raw.std()
     assert t.unique().tolist() == [2] and x.shape == (1024, 1, 28, 28)
@@ -139,15 +139,15 @@ def test_permutations_are_reproducible_and_applied(mnist_root):
     mixed = TaskData.concat([a.test_data(0), a.test_data(1)])
     rows = torch.tensor([0, 10_000])  # sample 0 as task 0 and as task 1
     mixed = TaskData(mixed.images, mixed.labels, mixed.rows[rows], mixed.tasks[rows], None)
-    xm, _, tm = next(iter(TensorBatchLoader(mixed, 2, a.transform)))
-    x0, _, _ = next(iter(TensorBatchLoader(a.test_data(0), 1, a.transform)))
-    x1, _, _ = next(iter(TensorBatchLoader(a.test_data(1), 1, a.transform)))
+    xm, _, tm, _ = next(iter(TensorBatchLoader(mixed, 2, a.transform)))
+    x0, _, _, _ = next(iter(TensorBatchLoader(a.test_data(0), 1, a.transform)))
+    x1, _, _, _ = next(iter(TensorBatchLoader(a.test_data(1), 1, a.transform)))
     assert tm.tolist() == [0, 1] and torch.equal(xm[0], x0[0]) and torch.equal(xm[1], x1[0])
 
 
 def test_unstandardised_pixels_stay_in_unit_range_with_black_at_zero(mnist_root):
     a = _stream(mnist_root, num_tasks=2, seed=4, standardize=False)
-    x, _, _ = next(iter(a.loader(a.test_data(1), train=False)))
+    x, _, _, _ = next(iter(a.loader(a.test_data(1), train=False)))
     raw = a.test_data(1).images[: x.shape[0]].float().view(x.shape[0], -1) / 255
     torch.testing.assert_close(x.view(x.shape[0], -1), raw[:, a.perms[1]])
     assert x.min() == 0 and x.max() == 1
@@ -168,7 +168,10 @@ def test_stream_clock(mnist_root):
     dm = PermutedStream(num_tasks=3, epochs_per_task=2, root=str(mnist_root))
     assert dm.max_epochs == 6
     assert [dm.task_of_epoch(e) for e in range(6)] == [0, 0, 1, 1, 2, 2]
-    assert [dm.is_task_end(e) for e in range(6)] == [False, True] * 3
+    steps = [dm.step(e, b, 3) for e in range(6) for b in range(3)]  # 3 batches an epoch
+    assert [(s.task, s.epoch_in_task) for s in steps[::3]] == [(0, 0), (0, 1), (1, 0), (1, 1), (2, 0), (2, 1)]
+    assert [i for i, s in enumerate(steps) if s.starts_task] == [0, 6, 12]  # a task's first batch
+    assert [i for i, s in enumerate(steps) if s.ends_task] == [5, 11, 17]  # the last batch of its last epoch
     with pytest.raises(ValueError, match="num_tasks"):
         PermutedStream(num_tasks=0)
     with pytest.raises(ValueError, match="epochs_per_task"):

@@ -10,6 +10,7 @@ from torch import nn
 
 from lifelong.data import SplitStream
 from lifelong.data.complexity import disk_offsets, entropy_complexity, local_entropy
+from lifelong.data.tensors import Batch
 from lifelong.methods import DWA, DWANet, fisher_sums, per_sample_loop_fisher
 from lifelong.methods.dwa import MaskedConv2d, MaskedLinear, factor_pair, triplet
 from lifelong.models import CNN, MLP, AlexNet, ReducedResNet18
@@ -128,7 +129,7 @@ def test_triplet_and_mask_losses_by_hand():
     dwa.anchors = {"pos": torch.zeros(5), "neg": torch.ones(5), "task_neg": -torch.ones(5)}
     holder = nn.Module()
     holder.net, holder.current_task, holder.trainer = net, 1, _Trainer()
-    got = dwa.penalty(holder, (torch.zeros(4, 1, 2, 2), None, None), None)
+    got = dwa.penalty(holder, Batch(torch.zeros(4, 1, 2, 2), None, None), None)
     emb = net.embedding
     emb_term = (triplet(emb, *[dwa.anchors[k] for k in ("pos", "neg")], 1.0)) + triplet(
         emb, dwa.anchors["pos"], dwa.anchors["task_neg"], 1.0
@@ -178,7 +179,7 @@ def test_complexity_is_the_normalised_mean_squared_entropy():
 
 def test_curriculum_threshold_rises_linearly():
     dwa = DWA(curriculum_start=0.2, curriculum_epochs=100)
-    assert [dwa.threshold(e) for e in (0, 50, 100, 150)] == pytest.approx([0.2, 0.6, 1.0, 1.0])
+    assert [dwa.curriculum.threshold(e) for e in (0, 50, 100, 150)] == pytest.approx([0.2, 0.6, 1.0, 1.0])
 
 
 # ---- real runs --------------------------------------------------------------------------------------------

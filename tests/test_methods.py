@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from lifelong.data import SplitStream
+from lifelong.data.tensors import Batch
 from lifelong.methods import (
     HAT,
     L2,
@@ -156,7 +157,7 @@ def test_lwf_loss_by_hand():
     outputs = module.net(x)
     old = lwf._old(x)
     by_hand = sum(distillation(outputs[:, h], old[:, h], 2.0) for h in ([0, 1], [2, 3]))
-    torch.testing.assert_close(lwf.penalty(module, (x, task, task), outputs), 0.5 * by_hand)
+    torch.testing.assert_close(lwf.penalty(module, Batch(x, task, task), outputs), 0.5 * by_hand)
 
 
 # ---- replay ---------------------------------------------------------------------------------------------
@@ -210,8 +211,8 @@ def test_replayed_batches_are_the_streams_own(mnist_root):
     dm.setup("fit")
     data = dm.train_data(3)
     rows, tasks = data.rows[:7], data.tasks[:7]
-    x, y, t = dm.replay_batch(rows, tasks)
-    x_ref, y_ref, _ = next(iter(dm.loader(data, train=False)))
+    x, y, t, _ = dm.replay_batch(rows, tasks)
+    x_ref, y_ref, _, _ = next(iter(dm.loader(data, train=False)))
     assert torch.equal(x, x_ref[:7]) and torch.equal(y, y_ref[:7]) and torch.equal(t, tasks)
     assert set(y.tolist()) <= {6, 7}  # the class scenario's outputs for the fourth task
 

@@ -27,7 +27,7 @@ def _labels(dm: TaskStream, task: int, train: bool = True) -> torch.Tensor:
 
 
 def _targets(dm: TaskStream, task: int) -> torch.Tensor:
-    return torch.cat([y for _, y, _ in dm.loader(dm.test_data(task), train=False)])
+    return torch.cat([y for _, y, _, _ in dm.loader(dm.test_data(task), train=False)])
 
 
 # ---- split streams --------------------------------------------------------------------------------------
@@ -86,8 +86,8 @@ def test_rotations_are_seeded_and_rotate_the_images(mnist_root):
     assert not torch.equal(a.angles, RotatedStream(num_tasks=4, seed=3).angles)
     assert bool(((a.angles >= 0) & (a.angles < 180)).all())
     dm = _ready(RotatedStream(root=str(mnist_root), num_tasks=2, angles=[0, 90], max_test_samples=64))
-    x0, y0, _ = next(iter(dm.loader(dm.test_data(0), train=False)))
-    x1, y1, _ = next(iter(dm.loader(dm.test_data(1), train=False)))
+    x0, y0, _, _ = next(iter(dm.loader(dm.test_data(0), train=False)))
+    x1, y1, _, _ = next(iter(dm.loader(dm.test_data(1), train=False)))
     assert torch.equal(y0, y1)
     # 90 degrees counter-clockwise maps pixel centres onto pixel centres: exactly torch.rot90
     assert torch.allclose(x1, torch.rot90(x0, 1, dims=(2, 3)), atol=1e-4)
@@ -104,7 +104,7 @@ def test_mnist_then_usps(mnist_root):
     assert len(dm.test_data(0)) == 10_000 and len(dm.test_data(1)) == len(usps) == 2007
     assert torch.equal(_targets(dm, 1), usps.labels + 10)  # USPS's own head
     # each task is standardised by its own dataset's statistics
-    x, _, _ = next(iter(dm.loader(dm.train_data(1), train=False)))
+    x, _, _, _ = next(iter(dm.loader(dm.train_data(1), train=False)))
     assert abs(x.mean().item()) < 0.1 and abs(x.std().item() - 1) < 0.1
     rev = _ready(SequenceStream(["mnist", "usps"], root=str(mnist_root), image_size=[28, 28], reverse=True))
     assert rev.datasets == ["usps", "mnist"] and len(rev.test_data(0)) == 2007 and rev.num_classes == 20
@@ -152,7 +152,7 @@ def test_split_cifar100_in_twenty_tasks(vision_fixtures):
     assert dm.num_tasks == 20 and dm.input_shape == (3, 32, 32)
     assert set(_labels(dm, 19).tolist()) == {95, 96, 97, 98, 99}
     # standardised per channel by the training set's statistics
-    x = torch.cat([x for t in range(20) for x, _, _ in dm.loader(dm.train_data(t), train=False)])
+    x = torch.cat([x for t in range(20) for x, _, _, _ in dm.loader(dm.train_data(t), train=False)])
     assert torch.allclose(x.mean((0, 2, 3)), torch.zeros(3), atol=1e-3)
     assert torch.allclose(x.std((0, 2, 3)), torch.ones(3), atol=1e-2)
 
@@ -272,7 +272,7 @@ def test_sequence_stream_mixture_with_grey_and_colour(vision_fixtures, mnist_roo
     dm = _ready(SequenceStream(["mnist", "svhn", "cifar100"], root=str(vision_fixtures), max_train_samples=50))
     assert dm.input_shape == (3, 28, 28)  # the first dataset's size, the most channels of any
     assert dm.task_classes[2] == list(range(20, 120)) and dm.num_classes == 120
-    x, _, _ = next(iter(dm.loader(dm.train_data(0), train=True)))
+    x, _, _, _ = next(iter(dm.loader(dm.train_data(0), train=True)))
     assert x.shape[1:] == (3, 28, 28)
     assert torch.equal(x[:, 0], x[:, 2])  # grey MNIST repeated into three channels
     with pytest.raises(ValueError, match="same number of classes"):

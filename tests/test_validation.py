@@ -40,7 +40,7 @@ def test_split_is_disjoint_stratified_and_seeded(mnist_root):
     assert not torch.equal(dm.val_data(0).rows, other.val_data(0).rows)
     assert dm.describe()["val_sha1"] == again.describe()["val_sha1"] != other.describe()["val_sha1"]
     # the evaluation loaders: every task's validation set, then every task's test set
-    loaders = dm.val_dataloader()
+    loaders = dm.eval_loaders()
     assert [len(ld.data) for ld in loaders] == [len(dm.val_data(t)) for t in range(5)] + [
         len(dm.test_data(t)) for t in range(5)
     ]
@@ -57,7 +57,7 @@ def test_permuted_tasks_hold_out_their_own_rows_and_limits_apply_first(mnist_roo
 
 def test_no_split_by_default_in_the_library(mnist_root):
     dm = _ready(SplitStream("mnist", num_tasks=1, root=str(mnist_root), download=False, max_train_samples=100))
-    assert not dm.has_validation and len(dm.val_dataloader()) == 1
+    assert not dm.has_validation and len(dm.eval_loaders()) == 1
     with pytest.raises(ValueError, match="val_fraction"):
         dm.val_data(0)
 

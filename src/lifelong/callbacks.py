@@ -14,7 +14,6 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import TQDMProgressBar
-from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
 from lightning.pytorch.utilities import rank_zero_only
 from typing_extensions import override
 
@@ -32,24 +31,20 @@ class TaskProgressBar(TQDMProgressBar):
 
     Redrawn every ``refresh_rate`` batches (default 10: at hundreds of small steps a second, redrawing at
     every step costs several percent of the training time). Testing every task at a task's end takes a moment
-    and 2 x num_tasks loaders, so it has no bar of its own; its result is the log line after each task.
+    and has no bar of its own; its result is the log line after each task.
     """
 
     def __init__(self, refresh_rate: int = 10, **kwargs: Any) -> None:
         super().__init__(refresh_rate=refresh_rate, **kwargs)
 
     @override
-    def init_validation_tqdm(self) -> Tqdm:
-        return Tqdm(disable=True)
-
-    @override
     def on_train_epoch_start(self, trainer: L.Trainer, *args: Any) -> None:
         super().on_train_epoch_start(trainer, *args)
         dm = stream_of(trainer)
         epoch = trainer.current_epoch
-        task = dm.task_of_epoch(epoch)
+        e, of = dm.epoch_in_task(epoch)
         self.train_progress_bar.set_description(
-            f"Task {task + 1}/{dm.num_tasks} · epoch {epoch % dm.epochs_per_task + 1}/{dm.epochs_per_task}"
+            f"Task {dm.task_of_epoch(epoch) + 1}/{dm.num_tasks} · epoch {e + 1}/{of}"
         )
 
 

@@ -29,6 +29,7 @@ from lifelong.config import check_targets, conforms, describe, name_the_key
 from lifelong.data import TaskStream
 from lifelong.errors import ConfigError, LifelongError, RunFolderError
 from lifelong.methods import ContinualMethod, ExperienceReplay
+from lifelong.methods.base import stream_needs
 from lifelong.models import ContinualClassifier
 from lifelong.run import STREAM_TRAINER_ARGS
 
@@ -134,6 +135,10 @@ def build_parts(cfg: DictConfig) -> tuple[TaskStream, list[ContinualMethod]]:
         if isinstance(method, ExperienceReplay):
             raise ConfigError("method=er already replays: drop replay=..., or combine replay with another method")
         callbacks.append(build_part("replay", cfg.replay))
+    try:
+        stream_needs(callbacks)  # two methods that need incompatible things from the stream
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
     return datamodule, callbacks
 
 

@@ -49,10 +49,9 @@ def stream_trainer(
     """A Trainer that runs ``datamodule``'s whole stream in one ``fit``.
 
     The stream fixes what the trainer's clock means, so these arguments are derived here, not configured:
-    ``max_epochs = num_tasks * epochs_per_task``, the train loader rebuilt every epoch (for the epoch's task),
-    validation run every ``epochs_per_task`` epochs (validation = testing every task, one row of the accuracy
-    matrix), no sanity validation, and no distributed sampler (the stream's loaders shard themselves across
-    ranks).
+    ``max_epochs`` the stream's, the train loader rebuilt every epoch (for the epoch's task), no Lightning
+    validation (the module evaluates every task where the stream's clock ends a task: one row of the accuracy
+    matrix), and no distributed sampler (the stream's loaders shard themselves across ranks).
 
     Checkpoints go to ``output_dir/checkpoints``: ``task_<k>.ckpt`` after each task (method state included)
     and ``last.ckpt`` after every epoch; ``trainer.fit(..., ckpt_path=...)`` resumes the stream from one. Each is
@@ -73,7 +72,7 @@ def stream_trainer(
         The trainer and the report callback (its ``metrics`` hold the results once ``fit`` returns).
     """
     out = Path(output_dir)
-    epochs = datamodule.epochs_per_task
+    epochs = datamodule.epochs_per_checkpoint
     report = StreamReport(out, info)
     ckpt_dir = out / "checkpoints"
     per_task = ModelCheckpoint(
@@ -98,7 +97,7 @@ def stream_trainer(
         # run shifts by one (it builds the loaders before it moves to the next epoch), so a run resumed inside
         # a stream of 2-epoch tasks trained one epoch on the previous task. A loader costs nothing to build.
         reload_dataloaders_every_n_epochs=1,
-        check_val_every_n_epoch=epochs,
+        check_val_every_n_epoch=1,  # no validation loop runs (see lifelong.models.ContinualClassifier)
         num_sanity_val_steps=0,
         use_distributed_sampler=False,
         callbacks=[*callbacks, *extra],
@@ -158,7 +157,7 @@ def evaluate(module: ContinualClassifier, stream: TaskStream, after_task: int | 
     try:
         for j in range(stream.num_tasks):
             metric = MulticlassAccuracy(module.num_classes, average="micro").to(device)
-            for x, y, task in stream.loader(stream.test_data(j), train=False):
+            for x, y, task, _ in stream.loader(stream.test_data(j), train=False):
                 metric.update(module.predict(x, task).argmax(-1), y)
             row.append(float(metric.compute()))
     finally:

@@ -1,9 +1,11 @@
 """Task streams: LightningDataModules that yield one task after another within a single ``fit``.
 
-The whole stream is one ``trainer.fit`` of ``num_tasks * epochs_per_task`` epochs. The trainer rebuilds the
-train loader every epoch and this module derives the current task from the epoch, so
-Lightning's own checkpointing restores epoch, optimizer and callback state together. Validation returns one
-loader per task (seen and unseen): its results after each task are the rows of the accuracy matrix.
+The whole stream is one ``trainer.fit``. The stream owns its clock (:meth:`TaskStream.step`): for every
+training step it says which task is trained and whether a task starts or ends there, and the module raises
+the task events from it (:mod:`lifelong.data.schedule`). This base class's clock is ``epochs_per_task`` epochs
+per task: the trainer rebuilds the train loader every epoch for the epoch's task, so Lightning's own
+checkpointing restores epoch, optimizer and callback state together. :meth:`TaskStream.eval_loaders` gives one
+loader per task (seen and unseen): the evaluation at each task's end fills a row of the accuracy matrix.
 
 Scenarios (van de Ven & Tolias, 2019; Hsu et al., 2018). Each task has its own *local* classes
 ``0..K_t-1`` (a split task's two digits, a permuted task's ten); the scenario decides which output of the
@@ -23,14 +25,14 @@ The stream maps labels (:attr:`TaskStream.targets`); the heads live in the Light
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
 from typing import Any
 
 import lightning as L
 import torch
 from typing_extensions import override
 
-from lifelong.data.tensors import Augment, BatchTransform, TaskData, TensorBatchLoader
+from lifelong.data.schedule import Step, StreamNeeds
+from lifelong.data.tensors import Augment, Batch, BatchTransform, TaskData, TensorBatchLoader
 from lifelong.data.transforms import channel_mean_std
 from lifelong.errors import ResumeError
 
@@ -50,7 +52,7 @@ class TaskStream(L.LightningDataModule):
             generators only.
         root: data folder, searched first (see :mod:`lifelong.data.sources`).
         download: allow torchvision to download missing files into ``root``.
-        cumulative: train task ``t`` on the union of tasks ``0..t`` (the ``joint`` baseline).
+        cumulative: train task ``t`` on the union of tasks ``0..t`` (what the ``joint`` baseline declares it needs).
         max_train_samples: keep at most this many training samples per task (a seeded random subset), for
             quick runs; ``None`` keeps all.
         max_test_samples: the same for each task's test set.
@@ -134,23 +136,45 @@ class TaskStream(L.LightningDataModule):
         self._test: list[TaskData] = []
         self._val: list[TaskData] = []  # empty without a validation split
         self._device = torch.device("cpu")
-        # set by methods: which of a task's training samples an epoch trains on (DWA's curriculum), and
-        # whether training batches carry each sample's row, (x, y, task, rows)
-        self.train_selector: Callable[[TaskData, int], TaskData] | None = None
-        self.train_rows = False
+        self.needs = StreamNeeds()  # what the run's methods declared (serve()); read by the training loader
 
     # ---- the stream's clock ------------------------------------------------------------------------
     @property
     def max_epochs(self) -> int:
+        """The epochs of the whole stream: the trainer's ``max_epochs``."""
         return self.num_tasks * self.epochs_per_task
 
+    @property
+    def epochs_per_checkpoint(self) -> int:
+        """Every how many epochs a task ends (the cadence of the per-task checkpoints)."""
+        return self.epochs_per_task
+
     def task_of_epoch(self, epoch: int) -> int:
-        """The task trained during ``epoch`` (0-based)."""
+        """The task trained during ``epoch`` (0-based); for a stream with several tasks in an epoch, its last."""
         return min(epoch // self.epochs_per_task, self.num_tasks - 1)
 
-    def is_task_end(self, epoch: int) -> bool:
-        """Whether ``epoch`` is the last epoch of its task (a task boundary follows it)."""
-        return (epoch + 1) % self.epochs_per_task == 0
+    def epoch_in_task(self, epoch: int) -> tuple[int, int]:
+        """``(e, of)``: ``epoch`` is the task's epoch ``e`` (0-based) of ``of``."""
+        return epoch % self.epochs_per_task, self.epochs_per_task
+
+    def step(self, epoch: int, batch: int, num_batches: int) -> Step:
+        """The clock: where batch ``batch`` (0-based) of the ``num_batches`` of ``epoch`` falls in the stream.
+
+        Here a task is ``epochs_per_task`` whole epochs: it starts at the first batch of its first epoch and ends
+        at the last batch of its last. A stream whose boundaries fall elsewhere overrides this (and
+        :meth:`train_dataloader`, to serve each step's task).
+        """
+        e, of = self.epoch_in_task(epoch)
+        return Step(
+            task=self.task_of_epoch(epoch),
+            epoch_in_task=e,
+            starts_task=batch == 0 and e == 0,
+            ends_task=batch == num_batches - 1 and e == of - 1,
+        )
+
+    def serve(self, needs: StreamNeeds) -> None:
+        """Serve what the run's methods declared they need (resolved by :func:`lifelong.methods.base.stream_needs`)."""
+        self.needs = needs
 
     # ---- data --------------------------------------------------------------------------------------
     def _build(self) -> None:
@@ -280,10 +304,8 @@ class TaskStream(L.LightningDataModule):
             raise ValueError("this stream has no validation data: set dataset.val_fraction > 0")
         return self._val[task]
 
-    def replay_batch(
-        self, rows: torch.Tensor, tasks: torch.Tensor, generator: torch.Generator | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """A training batch ``(x, y, task)`` of stored samples: ``rows`` of the training images, with their tasks.
+    def replay_batch(self, rows: torch.Tensor, tasks: torch.Tensor, generator: torch.Generator | None = None) -> Batch:
+        """A training batch of stored samples: ``rows`` of the training images, with their tasks.
 
         What replay methods use: a buffer holds these indices, not copies of images, and every batch is
         made as the stream's own are (with the training augmentation when a ``generator`` is given).
@@ -295,7 +317,7 @@ class TaskStream(L.LightningDataModule):
         y = data.labels.index_select(0, rows)
         if self.targets is not None:
             y = self.targets[tasks, y]
-        return x, y, tasks
+        return Batch(x, y, tasks, rows)
 
     def _rank(self) -> tuple[int, int]:
         trainer = self.trainer
@@ -304,7 +326,7 @@ class TaskStream(L.LightningDataModule):
     def loader(self, data: TaskData, *, train: bool, epoch: int = 0, rows: bool = False) -> TensorBatchLoader:
         """A loader over ``data``: shuffled and padded across ranks for training, in order otherwise.
 
-        With ``rows``, batches also carry each sample's row in the base tensors: ``(x, y, task, rows)``.
+        With ``rows``, batches carry each sample's row in the base tensors (:attr:`Batch.rows`).
         """
         assert self.transform is not None, "call setup() first"
         rank, world = self._rank()
@@ -326,24 +348,26 @@ class TaskStream(L.LightningDataModule):
     def train_dataloader(self) -> TensorBatchLoader:
         epoch = self.trainer.current_epoch if self.trainer is not None else 0
         task = self.task_of_epoch(epoch)
-        data = TaskData.concat(self._train[: task + 1]) if self.cumulative else self._train[task]
-        if self.train_selector is not None:
-            data = self.train_selector(data, epoch)
-        return self.loader(data, train=True, epoch=epoch, rows=self.train_rows)
+        needs = self.needs
+        data = TaskData.concat(self._train[: task + 1]) if self.cumulative or needs.cumulative else self._train[task]
+        if needs.training_data is not None:
+            data = needs.training_data(self, data, task, self.epoch_in_task(epoch)[0])
+        return self.loader(data, train=True, epoch=epoch, rows=needs.rows)
 
-    def val_dataloader(self) -> list[TensorBatchLoader]:
+    def eval_loaders(self) -> list[TensorBatchLoader]:
         """What each task end evaluates: every task's validation set (if any), then every task's test set.
 
-        Both in Lightning's validation loop, so one pass at each task end fills a row of both accuracy
-        matrices (see :class:`lifelong.models.ContinualClassifier`).
+        One pass at each task end fills a row of both accuracy matrices (see
+        :class:`lifelong.models.ContinualClassifier`). Not Lightning's ``val_dataloader``: the evaluation runs
+        where the stream's clock ends a task, which may be inside an epoch, not on Lightning's schedule.
         """
         return [self.loader(d, train=False) for d in (*self._val, *self._test)]
 
     @override
     def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
         """The stream's batches are made on the training device already: skip Lightning's generic move."""
-        if isinstance(batch, tuple) and all(isinstance(t, torch.Tensor) and t.device == device for t in batch):
-            return batch
+        if isinstance(batch, Batch):
+            return batch.to(device)
         return super().transfer_batch_to_device(batch, device, dataloader_idx)
 
     # ---- reproducibility ---------------------------------------------------------------------------

@@ -10,12 +10,32 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import torch
 
-# x (B, ...) float, y (B,), task (B,); training batches may add rows (B,) (see TensorBatchLoader's with_rows)
-Batch = tuple[torch.Tensor, ...]
+
+class Batch(NamedTuple):
+    """One batch of a stream: inputs, labels, each sample's task and, where asked for, its row.
+
+    Attributes:
+        x: ``(B, ...)`` the network's inputs.
+        y: ``(B,)`` labels, in the scenario's label space.
+        task: ``(B,)`` each sample's task.
+        rows: ``(B,)`` each sample's row in the stream's base images (its identity: what DER stores, what DWA
+            looks its complexity up by), or ``None`` unless a method declared it needs them
+            (:attr:`lifelong.methods.ContinualMethod.needs_rows`).
+    """
+
+    x: torch.Tensor
+    y: torch.Tensor
+    task: torch.Tensor
+    rows: torch.Tensor | None = None
+
+    def to(self, device: torch.device) -> Batch:
+        x, y, task, rows = (t if t is None or t.device == device else t.to(device) for t in self)
+        assert x is not None and y is not None and task is not None
+        return Batch(x, y, task, rows)
 
 
 class BatchTransform(Protocol):
@@ -129,8 +149,8 @@ class TensorBatchLoader:
             scenario's label space, see :class:`lifelong.data.TaskStream`); ``None`` keeps the base labels.
         augment: a random augmentation of the transformed batch (training), drawn from a generator on the
             data's device seeded by ``(seed, epoch, rank)``.
-        with_rows: also yield each sample's row in the base tensors, ``(x, y, task, rows)``: the sample's
-            identity, for methods that keep per-sample values (DWA's complexity scores).
+        with_rows: fill each batch's ``rows`` (each sample's row in the base tensors): the sample's identity,
+            for methods that keep per-sample values (DWA's complexity scores).
     """
 
     def __init__(
@@ -208,4 +228,4 @@ class TensorBatchLoader:
             y = data.labels.index_select(0, idx)
             if targets is not None:
                 y = targets[data.task].index_select(0, y) if data.task is not None else targets[t, y]
-            yield (x, y, t, idx) if self.with_rows else (x, y, t)
+            yield Batch(x, y, t, idx if self.with_rows else None)

@@ -10,6 +10,7 @@ from torch.optim import Optimizer
 from typing_extensions import override
 
 from lifelong.data.streams import TaskStream, stream_of
+from lifelong.methods.base import ContinualModule
 from lifelong.methods.replay import MemoryMethod, ReplayBuffer
 
 
@@ -73,10 +74,13 @@ class AGEM(MemoryMethod):
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.world_size > 1:
             self._check_ranks_agree(trainer, pl_module)
-        task = self.ended_task(trainer)
-        if task is None:
+
+    @override
+    def on_task_end(self, trainer: L.Trainer, module: ContinualModule, task: int, last: bool) -> None:
+        """The finished task's quota of samples joins the memory (not the last task's: nothing replays them)."""
+        if last:
             return
-        dm = stream_of(trainer)
+        dm = module.stream
         data = dm.train_data(task)
         quota = self.buffer.size // dm.num_tasks
         order = self.task_order(dm.seed, task, len(data))[:quota]
@@ -91,7 +95,9 @@ class AGEM(MemoryMethod):
         params = [p for p in pl_module.parameters() if p.grad is not None]
         n = self.replay_batch_size or stream_of(trainer).batch_size
         pick = self.buffer.sample(n, self._generator)
-        x, y, task = stream_of(trainer).replay_batch(self.buffer.rows[pick], self.buffer.tasks[pick], self._generator)
+        x, y, task, _ = stream_of(trainer).replay_batch(
+            self.buffer.rows[pick], self.buffer.tasks[pick], self._generator
+        )
         with torch.enable_grad():
             loss = F.cross_entropy(pl_module(x, task), y)
             refs = torch.autograd.grad(loss, params, allow_unused=True)

@@ -1,16 +1,20 @@
-"""What a continual-learning method is here: a Lightning Callback that may also add a loss term."""
+"""What a continual-learning method is here: a Lightning Callback that reacts to the stream's task events and
+may add a loss term. :class:`ContinualMethod` is the one door between a method, the stream and the module."""
 
 from __future__ import annotations
 
 import copy
-from typing import TypeVar
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any, Protocol, TypeVar
 
 import lightning as L
+import torch
 from lightning.pytorch.callbacks import Callback
 from torch import Tensor, nn
 
+from lifelong.data.schedule import StreamNeeds
 from lifelong.data.streams import TaskStream
-from lifelong.data.tensors import Batch
+from lifelong.data.tensors import Batch, TaskData
 
 
 def log_now(trainer: L.Trainer) -> bool:
@@ -22,17 +26,111 @@ def log_now(trainer: L.Trainer) -> bool:
     return (trainer.global_step + 1) % trainer.log_every_n_steps == 0  # type: ignore[attr-defined]
 
 
-class ContinualMethod(Callback):
-    """A Lightning Callback that can add a penalty to the training loss.
+class ContinualModule(Protocol):
+    """What a method sees of the LightningModule it trains (:class:`lifelong.models.ContinualClassifier` is one):
+    the network, the heads, the task being trained and the stream, without importing the module's class.
 
-    Methods keep their state (importances, anchors, buffers) in ``state_dict`` so that checkpoints resume
-    them, and react to task boundaries through Lightning's hooks (``stream_of(trainer).is_task_end(epoch)``).
-    A term that needs autograd through the network (e.g. distillation) is returned by :meth:`penalty`,
-    which the LightningModule adds to the loss in every training step; a term that is a function of the
-    parameters alone (EWC's quadratic) is cheaper added to the gradients in ``on_before_optimizer_step``.
+    Attributes:
+        net: the network (the wrapper a method's :meth:`ContinualMethod.configure_network` returned).
+        current_task: the task being trained (0-based), set by the stream's clock at every step.
+        num_tasks: the stream's tasks.
+        num_classes: the network's outputs, every head's.
+        scenario: ``"task"``, ``"domain"`` or ``"class"``.
+        task_classes: the outputs of each task's classes.
+        seen_outputs: how many outputs the classes of tasks ``0..t`` span (the class scenario's head after ``t``).
+        reset_optimizer: whether the optimizer's state is cleared at each task start.
+    """
+
+    net: nn.Module
+    current_task: int
+    num_tasks: int
+    num_classes: int
+    scenario: str
+    task_classes: list[list[int]]
+    seen_outputs: list[int]
+    reset_optimizer: bool
+
+    @property
+    def device(self) -> torch.device: ...
+
+    @property
+    def trainer(self) -> L.Trainer: ...
+
+    @property
+    def stream(self) -> TaskStream:
+        """The stream being trained (the trainer's datamodule)."""
+        ...
+
+    @property
+    def training(self) -> bool: ...
+
+    def __call__(self, x: Tensor, task: Tensor | None = None) -> Tensor:
+        """The scenario's logits of ``x`` (the heads applied)."""
+        ...
+
+    def outputs(self, x: Tensor, task: Tensor | None = None) -> Tensor:
+        """The network's raw outputs, every head's."""
+        ...
+
+    def heads(self, logits: Tensor, task: Tensor | None) -> Tensor:
+        """The scenario's logits from raw outputs."""
+        ...
+
+    def named_parameters(self, prefix: str = "", recurse: bool = True) -> Iterator[tuple[str, nn.Parameter]]: ...
+
+    def parameters(self, recurse: bool = True) -> Iterator[nn.Parameter]: ...
+
+    def train(self, mode: bool = True) -> Any: ...
+
+    def eval(self) -> Any: ...
+
+    def log(self, name: str, value: Any, *args: Any, **kwargs: Any) -> None:
+        """Lightning's ``log``: per-step values from the training step and its hooks."""
+        ...
+
+    def log_event(self, values: Mapping[str, float | Tensor]) -> None:
+        """Write ``values`` to the run's loggers at this step, as they are: what a task event measured (the
+        values must already agree across ranks)."""
+        ...
+
+
+# what module_of checks: members a detached module has too (the trainer and the stream need a fit)
+VIEW_MEMBERS = ("net", "current_task", "num_tasks", "scenario", "seen_outputs", "heads", "outputs", "log_event")
+
+
+def module_of(pl_module: L.LightningModule) -> ContinualModule:
+    """``pl_module`` as methods see it, checked once (in Lightning's hooks, which pass the plain LightningModule)."""
+    missing = [name for name in VIEW_MEMBERS if not hasattr(pl_module, name)]
+    if missing:
+        raise TypeError(
+            f"lifelong's methods train a module with heads and a task stream (lifelong.models.ContinualClassifier); "
+            f"{type(pl_module).__name__} has no {', '.join(missing)}"
+        )
+    return pl_module  # type: ignore[return-value]  # checked above: a structural match
+
+
+class ContinualMethod(Callback):
+    """A continual-learning method: a Lightning Callback that reacts to the stream's task events.
+
+    Three kinds of hook, all optional:
+
+    * **Task events**, raised by the stream's clock where a boundary falls (at any step, not only at an epoch's
+      end) and dispatched once to every method by the module: :meth:`on_task_start` before a task's first
+      step, :meth:`on_task_end` after its last step and before it is evaluated.
+    * **Loss terms**: :meth:`penalty` (added to the loss in every training step), :meth:`classification_loss`
+      (in place of the cross-entropy), :meth:`scores` (what evaluation ranks). A term that is a function of the
+      parameters alone (EWC's quadratic) is cheaper added to the gradients in ``on_before_optimizer_step``,
+      like any other Lightning hook.
+    * **Declared needs** from the stream, read once at setup (:func:`stream_needs`): :attr:`needs_rows`,
+      :attr:`needs_cumulative_data`, and :meth:`training_data` when overridden. Two methods that need
+      incompatible things are refused before anything trains.
+
+    Methods keep their state (importances, anchors, buffers) in ``state_dict``, so checkpoints resume them.
     """
 
     name = "method"
+    needs_rows = False  # training batches carry each sample's row (Batch.rows): its identity
+    needs_cumulative_data = False  # task t trains on tasks 0..t (the joint baseline)
 
     def configure_network(self, net: nn.Module, stream: TaskStream) -> nn.Module:
         """The network to train, given the model's: methods that change the network (HAT's masks) wrap it here.
@@ -41,27 +139,59 @@ class ContinualMethod(Callback):
         """
         return net
 
-    def penalty(self, pl_module: L.LightningModule, batch: Batch, outputs: Tensor) -> Tensor | None:
+    def training_data(self, stream: TaskStream, data: TaskData, task: int, epoch_in_task: int) -> TaskData:
+        """The samples an epoch of ``task`` trains on, given the stream's (``data``): overridden by a method that
+        chooses them (DWA's curriculum, iCaRL's exemplars). At most one method of a run may."""
+        return data
+
+    def on_task_start(self, trainer: L.Trainer, module: ContinualModule, task: int) -> None:
+        """Before the first training step of ``task``."""
+
+    def on_task_end(self, trainer: L.Trainer, module: ContinualModule, task: int, last: bool) -> None:
+        """After the last training step of ``task``, before it is evaluated; ``last``: the stream's last task, after
+        which nothing trains (importances and memories would never be used)."""
+
+    def penalty(self, module: ContinualModule, batch: Batch, outputs: Tensor) -> Tensor | None:
         """The term added to the training loss at this step, or ``None`` for none.
 
         Args:
-            pl_module: the :class:`~lifelong.models.ContinualClassifier`.
-            batch: the step's ``(x, y, task)``.
-            outputs: the network's raw outputs on ``x``, every head's (before the scenario's masking).
+            module: the module being trained.
+            batch: the step's batch.
+            outputs: the network's raw outputs on ``batch.x``, every head's (before the scenario's masking).
         """
         return None
 
-    def classification_loss(self, pl_module: L.LightningModule, batch: Batch, outputs: Tensor) -> Tensor | None:
+    def classification_loss(self, module: ContinualModule, batch: Batch, outputs: Tensor) -> Tensor | None:
         """The training loss in place of the cross-entropy (iCaRL's sigmoid loss), or ``None`` to keep it.
 
         At most one method of a run may replace it; arguments as in :meth:`penalty`.
         """
         return None
 
-    def scores(self, pl_module: L.LightningModule, x: Tensor, task: Tensor) -> Tensor | None:
+    def scores(self, module: ContinualModule, x: Tensor, task: Tensor | None) -> Tensor | None:
         """Class scores that evaluation should rank in place of the network's logits (iCaRL's nearest mean of
         exemplars), through the scenario's heads, or ``None`` to use the logits."""
         return None
+
+
+def overrides(method: ContinualMethod, hook: str) -> bool:
+    """Whether ``method``'s class overrides ``hook`` of :class:`ContinualMethod`."""
+    return getattr(type(method), hook) is not getattr(ContinualMethod, hook)
+
+
+def stream_needs(methods: Sequence[ContinualMethod]) -> StreamNeeds:
+    """What ``methods`` together need from the stream; raises ``ValueError`` (one message naming both) when two
+    of them each choose the training data or each replace the classification loss."""
+    for hook, what in (("training_data", "choose the training data"), ("classification_loss", "replace the loss")):
+        claim = [m.name for m in methods if overrides(m, hook)]
+        if len(claim) > 1:
+            raise ValueError(f"methods {' and '.join(claim)} each {what}: a run can combine at most one of them")
+    chooser = next((m for m in methods if overrides(m, "training_data")), None)
+    return StreamNeeds(
+        rows=any(m.needs_rows for m in methods),
+        cumulative=any(m.needs_cumulative_data for m in methods),
+        training_data=chooser.training_data if chooser is not None else None,
+    )
 
 
 def frozen_copy(net: nn.Module) -> nn.Module:
@@ -82,6 +212,13 @@ def require_task_scenario(method: str, stream: TaskStream, why: str) -> None:
         raise ValueError(f"method={method} needs dataset.scenario=task ({why}), got {stream.scenario!r}")
 
 
+def refuse_sharded(method: str, trainer: L.Trainer) -> None:
+    """Refuse strategies that shard or flatten parameters: ``method`` keeps a state per parameter."""
+    name = type(trainer.strategy).__name__
+    if any(key in name for key in ("FSDP", "DeepSpeed", "ModelParallel")):
+        raise ValueError(f"method={method} does not support the {name} strategy (it shards parameters); use ddp")
+
+
 def refuse_normalisation(method: str, net: nn.Module) -> None:
     """Refuse a network with normalisation layers, whose statistics every task would share."""
     norms = [n for n, m in net.named_modules() if isinstance(m, (nn.modules.batchnorm._NormBase, nn.LayerNorm))]
@@ -92,9 +229,9 @@ def refuse_normalisation(method: str, net: nn.Module) -> None:
         )
 
 
-def wrapped_net(pl_module: L.LightningModule, cls: type[NetT], method: str) -> NetT:
+def wrapped_net(module: L.LightningModule | ContinualModule, cls: type[NetT], method: str) -> NetT:
     """The module's network, checked to be the wrapper ``cls`` that ``method``'s ``configure_network`` builds."""
-    net = getattr(pl_module, "net", None)
+    net = module_of(module).net if isinstance(module, L.LightningModule) else module.net
     if not isinstance(net, cls):
         raise TypeError(
             f"method={method} trains a {cls.__name__}: build the module with the network its "

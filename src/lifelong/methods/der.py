@@ -10,8 +10,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from typing_extensions import override
 
-from lifelong.data.streams import stream_of
 from lifelong.data.tensors import Batch
+from lifelong.methods.base import ContinualModule
 from lifelong.methods.replay import MemoryMethod, ReplayBuffer
 
 
@@ -58,6 +58,7 @@ class DarkExperienceReplay(MemoryMethod):
     """
 
     name = "der"
+    needs_rows = True  # training batches carry each sample's row: its identity to store
 
     def __init__(
         self, buffer_size: int = 500, alpha: float = 0.3, beta: float = 0.0, replay_batch_size: int | None = None
@@ -78,40 +79,35 @@ class DarkExperienceReplay(MemoryMethod):
         self._pending: tuple[Tensor, Tensor, Tensor, Tensor] | None = None
 
     @override
-    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        stream_of(trainer).train_rows = True  # training batches carry each sample's row: its identity to store
-
-    @override
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._sample_gen = self.epoch_generator(trainer, pl_module.device, salt=5)
         self._fill_gen = self.epoch_generator(trainer, pl_module.device, salt=6, per_rank=False)
 
-    def _minibatch(self, pl_module: L.LightningModule, n: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """``(x, y, task, stored logits)`` of ``n`` samples drawn from the memory."""
+    def _minibatch(self, module: ContinualModule, n: int) -> tuple[Batch, Tensor]:
+        """A batch of ``n`` samples drawn from the memory, and their stored logits."""
         assert self._sample_gen is not None
         pick = self.buffer.sample(n, self._sample_gen)
         fields = self.buffer.fields
-        x, y, task = stream_of(pl_module.trainer).replay_batch(
-            fields["rows"][pick], fields["tasks"][pick], self._sample_gen
-        )
-        return x, y, task, fields["logits"][pick]
+        replayed = module.stream.replay_batch(fields["rows"][pick], fields["tasks"][pick], self._sample_gen)
+        return replayed, fields["logits"][pick]
 
     @override
-    def penalty(self, pl_module: L.LightningModule, batch: Batch, outputs: Tensor) -> Tensor | None:
-        if len(batch) < 4:
-            raise RuntimeError(f"method={self.name} needs training batches with their rows (stream.train_rows)")
-        x, y, task, rows = batch[:4]
-        self._pending = (rows, task, y, outputs.detach().float())  # stored after this step: z from before it
+    def penalty(self, module: ContinualModule, batch: Batch, outputs: Tensor) -> Tensor | None:
+        if batch.rows is None:
+            raise RuntimeError(f"method={self.name} needs training batches with their rows (needs_rows)")
+        x = batch.x
+        # stored after this step, with z from before it
+        self._pending = (batch.rows, batch.task, batch.y, outputs.detach().float())
         if len(self.buffer) == 0:
             return None
         n = self.replay_batch_size or x.shape[0]
         loss = outputs.new_zeros(())
         if self.alpha > 0:
-            xb, _, tb, zb = self._minibatch(pl_module, n)
-            loss = loss + der_loss(pl_module.outputs(xb, tb), zb, self.alpha)  # type: ignore[operator]
+            b, z = self._minibatch(module, n)
+            loss = loss + der_loss(module.outputs(b.x, b.task), z, self.alpha)
         if self.beta > 0:
-            xb, yb, tb, _ = self._minibatch(pl_module, n)
-            loss = loss + self.beta * F.cross_entropy(pl_module(xb, tb), yb)
+            b, _ = self._minibatch(module, n)
+            loss = loss + self.beta * F.cross_entropy(module(b.x, b.task), b.y)
         return loss
 
     @override

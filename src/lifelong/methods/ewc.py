@@ -8,7 +8,7 @@ import lightning as L
 import torch
 from torch import Tensor
 
-from lifelong.data.streams import stream_of
+from lifelong.methods.base import ContinualModule
 from lifelong.methods.fisher import FISHER_TYPES, fisher_sums
 from lifelong.methods.quadratic import QuadraticRegularizer, all_reduce_mean, check_strength, task_sample
 
@@ -69,14 +69,14 @@ class EWC(QuadraticRegularizer):
         return self.last_importance
 
     def task_importance(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, task: int, params: Mapping[str, Tensor]
+        self, trainer: L.Trainer, module: ContinualModule, task: int, params: Mapping[str, Tensor]
     ) -> dict[str, Tensor]:
         """The diagonal Fisher of ``task``, over its training data (or ``num_samples`` of it)."""
-        dm = stream_of(trainer)
+        dm = module.stream
         data = task_sample(dm, task, self.num_samples)
         generator = torch.Generator().manual_seed(dm.seed * 104_729 + task + trainer.global_rank)
         sums = fisher_sums(
-            pl_module,
+            module,  # type: ignore[arg-type]  # an nn.Module: ContinualModule is its view for methods
             dm.loader(data, train=False),
             self.fisher_type,
             params=params,  # type: ignore[arg-type]

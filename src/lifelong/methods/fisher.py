@@ -36,7 +36,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Literal, cast
+from typing import Any, Literal, cast
 
 import torch
 import torch.nn.functional as F
@@ -47,7 +47,7 @@ from torch.nn.grad import conv2d_weight
 FisherType = Literal["empirical", "sampled", "exact", "weighted"]
 FISHER_TYPES: tuple[str, ...] = ("empirical", "sampled", "exact", "weighted")
 
-Batch = tuple[Tensor, ...]  # x, y, task (and, from a training loader, possibly the samples' rows)
+Batch = tuple[Any, ...]  # x, y, task: a lifelong.data.tensors.Batch (its rows are not used) or a plain tuple
 
 
 def _log_softmax(logits: Tensor) -> Tensor:
@@ -344,7 +344,7 @@ def fisher_sums(
     if params is None:
         params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     with PerSampleSums(model, params) as est:
-        for x, y, task in batches:
+        for x, y, task, *_ in batches:
             est.start()
             with torch.enable_grad():
                 log_probs = _log_softmax(call_model(model, x, task))  # (B, C)
@@ -398,7 +398,7 @@ def per_sample_loop_fisher(
     was_training = model.training
     model.eval()
     try:
-        for x, y, task in batches:
+        for x, y, task, *_ in batches:
             with torch.no_grad():
                 log_probs = _log_softmax(call_model(model, x, task))
             passes = _labels_and_weights(log_probs, y, fisher_type, generator)

@@ -11,9 +11,16 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 from typing_extensions import override
 
-from lifelong.data.streams import TaskStream, stream_of
+from lifelong.data.streams import TaskStream
 from lifelong.data.tensors import Batch
-from lifelong.methods.base import ContinualMethod, refuse_normalisation, require_task_scenario, wrapped_net
+from lifelong.methods.base import (
+    ContinualMethod,
+    ContinualModule,
+    module_of,
+    refuse_normalisation,
+    require_task_scenario,
+    wrapped_net,
+)
 
 
 class HATNet(nn.Module):
@@ -142,13 +149,13 @@ class HAT(ContinualMethod):
         require_task_scenario("hat", stream, "its masks are chosen by the task identity")
         return HATNet(net, stream.num_tasks, self.s_max)
 
-    def _net(self, pl_module: L.LightningModule) -> HATNet:
-        return wrapped_net(pl_module, HATNet, "hat")
+    def _net(self, module: L.LightningModule | ContinualModule) -> HATNet:
+        return wrapped_net(module, HATNet, "hat")
 
     @override
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         net = self._net(pl_module)
-        if not getattr(pl_module, "reset_optimizer", True):
+        if not module_of(pl_module).reset_optimizer:
             raise ValueError(
                 "method=hat needs reset_optimizer=true: momentum from a task would move its frozen weights"
             )
@@ -168,11 +175,11 @@ class HAT(ContinualMethod):
         net.s = 1 / self.s_max + (self.s_max - 1 / self.s_max) * min(batch_idx, n - 1) / (n - 1)
 
     @override
-    def penalty(self, pl_module: L.LightningModule, batch: Batch, outputs: Tensor) -> Tensor | None:
+    def penalty(self, module: ContinualModule, batch: Batch, outputs: Tensor) -> Tensor | None:
         if self.hat_c == 0:
             return None
-        net = self._net(pl_module)
-        masks = net.masks(batch[2][:1])  # the batch's task (one task per training batch)
+        net = self._net(module)
+        masks = net.masks(batch.task[:1])  # the batch's task (one task per training batch)
         used = torch.stack([(m[0] * (1 - p)).sum() for m, p in zip(masks, self.previous, strict=True)]).sum()
         free = torch.stack([(1 - p).sum() for p in self.previous]).sum()
         return self.hat_c * used / free.clamp_min(1)
@@ -207,14 +214,12 @@ class HAT(ContinualMethod):
             e.clamp_(-self.clamp, self.clamp)
 
     @override
-    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        dm = stream_of(trainer)
-        epoch = trainer.current_epoch
-        if dm.is_task_end(epoch):
-            masks = self._net(pl_module).masks(dm.task_of_epoch(epoch), binary=True)
-            self.previous = [torch.maximum(p, m) for p, m in zip(self.previous, masks, strict=True)]
-            used = sum(int(p.sum()) for p in self.previous) / sum(p.numel() for p in self.previous)
-            pl_module.log("hat/units_used", used)
+    def on_task_end(self, trainer: L.Trainer, module: ContinualModule, task: int, last: bool) -> None:
+        """The finished task's units join those earlier tasks use (their incoming weights are frozen from now)."""
+        masks = self._net(module).masks(task, binary=True)
+        self.previous = [torch.maximum(p, m) for p, m in zip(self.previous, masks, strict=True)]
+        used = sum(int(p.sum()) for p in self.previous) / sum(p.numel() for p in self.previous)
+        module.log_event({"hat/units_used": used})
 
     @override
     def state_dict(self) -> dict[str, Any]:

@@ -3,7 +3,7 @@ nearest-mean-of-exemplars classification."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, cast
+from typing import Any
 
 import lightning as L
 import torch
@@ -11,14 +11,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from typing_extensions import override
 
-from lifelong.data.streams import TaskStream, stream_of
+from lifelong.data.streams import TaskStream
 from lifelong.data.tensors import Batch, TaskData, TensorBatchLoader
-from lifelong.methods.base import frozen_copy
+from lifelong.methods.base import ContinualModule, frozen_copy, module_of
 from lifelong.methods.fisher import call_model
 from lifelong.methods.replay import MemoryMethod, ReplayBuffer
-
-if TYPE_CHECKING:
-    from lifelong.models.module import ContinualClassifier
 
 
 def classifier_layer(net: nn.Module) -> nn.Linear:
@@ -110,21 +107,14 @@ class ICaRL(MemoryMethod):
         classifier_layer(net)
         return net
 
-    @override
-    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        dm = stream_of(trainer)
-        if dm.train_selector not in (None, self._with_exemplars):
-            raise ValueError(
-                "method=icarl sets the stream's training data: it cannot run beside a method that does too"
-            )
-        dm.train_selector = self._with_exemplars
-
     def _exemplars(self, base: TaskData) -> TaskData:
         """The exemplars, as samples of the stream's base images (which every task's rows index)."""
         device = base.rows.device
         return TaskData(base.images, base.labels, self.buffer.rows.to(device), self.buffer.tasks.to(device), None)
 
-    def _with_exemplars(self, data: TaskData, epoch: int) -> TaskData:
+    @override
+    def training_data(self, stream: TaskStream, data: TaskData, task: int, epoch_in_task: int) -> TaskData:
+        """The task's samples and every exemplar, shuffled as one set by the stream's loader."""
         return TaskData.concat([data, self._exemplars(data)]) if len(self.buffer) else data
 
     @override
@@ -133,30 +123,28 @@ class ICaRL(MemoryMethod):
         if self.means is not None:
             self.means = self.means.to(pl_module.device)
         if self._old_state is not None:
-            self._old = frozen_copy(pl_module.net)  # type: ignore[arg-type]
+            self._old = frozen_copy(module_of(pl_module).net)
             self._old.load_state_dict(self._old_state)
             self._old_state = None
 
-    def classification_loss(self, pl_module: L.LightningModule, batch: Batch, outputs: Tensor) -> Tensor | None:
-        module = cast("ContinualClassifier", pl_module)
-        x, y = batch[0], batch[1]
+    @override
+    def classification_loss(self, module: ContinualModule, batch: Batch, outputs: Tensor) -> Tensor | None:
+        x, y = batch.x, batch.y
         seen = module.seen_outputs[module.current_task]
         logits = outputs[:, :seen].float()
         targets = F.one_hot(y, seen).to(logits.dtype)
         if self._old is not None and self.tasks_done > 0:
             before = module.seen_outputs[self.tasks_done - 1]
             with torch.no_grad():
-                targets[:, :before] = torch.sigmoid(call_model(self._old, x, batch[2])[:, :before].float())
+                targets[:, :before] = torch.sigmoid(call_model(self._old, x, batch.task)[:, :before].float())
         return F.binary_cross_entropy_with_logits(logits, targets)
 
     @override
-    def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        """At a task's end, before it is evaluated: select its exemplars and compute the class means."""
-        dm = stream_of(trainer)
-        task = dm.task_of_epoch(trainer.current_epoch)
-        if trainer.sanity_checking or not dm.is_task_end(trainer.current_epoch) or task < self.tasks_done:
+    def on_task_end(self, trainer: L.Trainer, module: ContinualModule, task: int, last: bool) -> None:
+        """Before the task is evaluated: select its exemplars and compute the class means."""
+        if task < self.tasks_done:
             return
-        module = cast("ContinualClassifier", pl_module)
+        dm = module.stream
         was_training = module.training
         module.eval()
         with torch.no_grad():
@@ -164,7 +152,7 @@ class ICaRL(MemoryMethod):
             self.means = self._class_means(module, dm)
         module.train(was_training)
         self.tasks_done = task + 1
-        if task < dm.num_tasks - 1:
+        if not last:
             self._old = frozen_copy(module.net)
 
     def _whole(self, dm: TaskStream, data: TaskData) -> TensorBatchLoader:
@@ -172,13 +160,14 @@ class ICaRL(MemoryMethod):
         assert dm.transform is not None
         return TensorBatchLoader(data, dm.eval_batch_size, dm.transform, targets=dm.targets, with_rows=True)
 
-    def _select(self, module: ContinualClassifier, dm: TaskStream, task: int) -> None:
+    def _select(self, module: ContinualModule, dm: TaskStream, task: int) -> None:
         feats, labels, rows, tasks = [], [], [], []
-        for x, y, t, r in self._whole(dm, dm.train_data(task)):
-            feats.append(features(module.net, x))
-            labels.append(y)
-            rows.append(r)
-            tasks.append(t)
+        for b in self._whole(dm, dm.train_data(task)):
+            assert b.rows is not None
+            feats.append(features(module.net, b.x))
+            labels.append(b.y)
+            rows.append(b.rows)
+            tasks.append(b.task)
         f, y, r, t = (torch.cat(v) for v in (feats, labels, rows, tasks))
         classes = y.unique().tolist()
         known = self.buffer.classes.unique().tolist() if len(self.buffer) else []
@@ -198,7 +187,7 @@ class ICaRL(MemoryMethod):
         self.buffer.fields = {k: torch.cat(v).to(self.buffer.device) for k, v in kept.items()}
         self.buffer.seen += len(f)
 
-    def _class_means(self, module: ContinualClassifier, dm: TaskStream) -> Tensor:
+    def _class_means(self, module: ContinualModule, dm: TaskStream) -> Tensor:
         assert dm.transform is not None
         device = module.device
         sums: Tensor | None = None
@@ -213,10 +202,10 @@ class ICaRL(MemoryMethod):
         means = F.normalize(sums / counts[:, None], dim=1)
         return means.masked_fill((counts == 0)[:, None], float("nan"))
 
-    def scores(self, pl_module: L.LightningModule, x: Tensor, task: Tensor) -> Tensor | None:
+    @override
+    def scores(self, module: ContinualModule, x: Tensor, task: Tensor | None) -> Tensor | None:
         if self.means is None:
             return None
-        module = cast("ContinualClassifier", pl_module)
         return module.heads(nme_scores(features(module.net, x), self.means), task)
 
     @override

@@ -8,6 +8,7 @@ import lightning as L
 import torch
 from torch import Tensor
 
+from lifelong.methods.base import ContinualModule
 from lifelong.methods.quadratic import QuadraticRegularizer, check_strength
 
 
@@ -38,6 +39,6 @@ class L2(QuadraticRegularizer):
         return 0.5 * self.l2_lambda
 
     def task_importance(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, task: int, params: Mapping[str, Tensor]
+        self, trainer: L.Trainer, module: ContinualModule, task: int, params: Mapping[str, Tensor]
     ) -> dict[str, Tensor]:
         return {n: torch.ones_like(p) for n, p in params.items()}

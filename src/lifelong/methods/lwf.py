@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, cast
+from typing import Any
 
 import lightning as L
 import torch
@@ -10,13 +10,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from typing_extensions import override
 
-from lifelong.data.streams import stream_of
 from lifelong.data.tensors import Batch
-from lifelong.methods.base import ContinualMethod, frozen_copy
+from lifelong.methods.base import ContinualMethod, ContinualModule, frozen_copy, module_of
 from lifelong.methods.fisher import call_model
-
-if TYPE_CHECKING:
-    from lifelong.models.module import ContinualClassifier
 
 
 def distillation(new: Tensor, old: Tensor, temperature: float) -> Tensor:
@@ -67,36 +63,34 @@ class LwF(ContinualMethod):
     @override
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._old_state is not None:
-            self._old = frozen_copy(pl_module.net)  # type: ignore[arg-type]
+            module = module_of(pl_module)
+            self._old = frozen_copy(module.net)
             self._old.load_state_dict(self._old_state)
             self._old_state = None
-            self._heads = self._old_heads(cast("ContinualClassifier", pl_module))
+            self._heads = self._old_heads(module)
 
     @override
-    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        dm = stream_of(trainer)
-        epoch = trainer.current_epoch
-        task = dm.task_of_epoch(epoch)
-        if dm.is_task_end(epoch) and task < dm.num_tasks - 1:
-            self.snapshot(cast("ContinualClassifier", pl_module), task + 1)
+    def on_task_end(self, trainer: L.Trainer, module: ContinualModule, task: int, last: bool) -> None:
+        if not last:
+            self.snapshot(module, task + 1)
 
-    def snapshot(self, module: ContinualClassifier, tasks: int) -> None:
+    def snapshot(self, module: ContinualModule, tasks: int) -> None:
         """Keep a frozen copy of ``module``'s network as the old network, which has learnt ``tasks`` tasks."""
         self._old = frozen_copy(module.net)
         self.old_tasks = tasks
         self._heads = self._old_heads(module)
 
     @override
-    def penalty(self, pl_module: L.LightningModule, batch: Batch, outputs: Tensor) -> Tensor | None:
+    def penalty(self, module: ContinualModule, batch: Batch, outputs: Tensor) -> Tensor | None:
         if self._old is None or self.lwf_alpha == 0:
             return None
-        x, _, task = batch
+        x, task = batch.x, batch.task
         with torch.no_grad():
             old = call_model(self._old, x, task)
         loss = sum(distillation(outputs[:, h], old[:, h], self.temperature) for h in self._heads)
         return self.lwf_alpha * loss  # type: ignore[return-value]
 
-    def _old_heads(self, module: ContinualClassifier) -> list[slice]:
+    def _old_heads(self, module: ContinualModule) -> list[slice]:
         """The output ranges distilled: each earlier task's head (task scenario), the classes seen before
         the current task (class), or the shared head (domain). Slices, computed once per old network: no
         index tensor or check in the training step."""

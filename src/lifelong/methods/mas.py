@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
-from lifelong.data.streams import stream_of
+from lifelong.methods.base import ContinualModule
 from lifelong.methods.fisher import Batch, FisherSums, PerSampleSums, call_model, per_sample_grad_powers
 from lifelong.methods.quadratic import QuadraticRegularizer, all_reduce_mean, check_strength, task_sample
 
@@ -39,7 +39,7 @@ def mas_sums(
     if params is None:
         params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     with PerSampleSums(model, params) as est:
-        for x, _, task in batches:
+        for x, _, task, *_ in batches:
             est.start()
             with torch.enable_grad():
                 objective = _output_sq_norm(call_model(model, x, task)).sum()
@@ -79,7 +79,7 @@ def per_sample_loop_mas(
     was_training = model.training
     model.eval()
     try:
-        for x, _, task in batches:
+        for x, _, task, *_ in batches:
             for n in range(x.shape[0]):
                 with torch.enable_grad():
                     objective = _output_sq_norm(call_model(model, x[n : n + 1], task[n : n + 1]))[0]
@@ -126,9 +126,9 @@ class MAS(QuadraticRegularizer):
         return self.mas_lambda
 
     def task_importance(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, task: int, params: Mapping[str, Tensor]
+        self, trainer: L.Trainer, module: ContinualModule, task: int, params: Mapping[str, Tensor]
     ) -> dict[str, Tensor]:
-        dm = stream_of(trainer)
+        dm = module.stream
         data = task_sample(dm, task, self.num_samples)
-        sums = mas_sums(pl_module, dm.loader(data, train=False), params=params)  # type: ignore[arg-type]
+        sums = mas_sums(module, dm.loader(data, train=False), params=params)  # type: ignore[arg-type]
         return all_reduce_mean(trainer, sums.sums, sums.count)

@@ -16,10 +16,10 @@ from torch import Tensor
 from torch.optim import Optimizer
 from typing_extensions import override
 
-from lifelong.data.streams import TaskStream, stream_of
+from lifelong.data.streams import TaskStream
 from lifelong.data.tensors import TaskData
 from lifelong.errors import ResumeError
-from lifelong.methods.base import ContinualMethod, log_now
+from lifelong.methods.base import ContinualMethod, ContinualModule, log_now, refuse_sharded
 
 MODES = ("separate", "online")
 
@@ -76,7 +76,7 @@ class QuadraticRegularizer(ContinualMethod):
         raise NotImplementedError
 
     def task_importance(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, task: int, params: Mapping[str, Tensor]
+        self, trainer: L.Trainer, module: ContinualModule, task: int, params: Mapping[str, Tensor]
     ) -> dict[str, Tensor]:
         """The importance of each of ``params`` for the finished ``task`` (the same on every rank)."""
         raise NotImplementedError
@@ -136,11 +136,7 @@ class QuadraticRegularizer(ContinualMethod):
     @override
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         """Before the fit: refuse strategies that shard or flatten parameters (the state is per parameter)."""
-        name = type(trainer.strategy).__name__
-        if any(key in name for key in ("FSDP", "DeepSpeed", "ModelParallel")):
-            raise ValueError(
-                f"{type(self).__name__} does not support the {name} strategy (it shards parameters); use ddp"
-            )
+        refuse_sharded(self.name, trainer)
 
     @override
     def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Optimizer) -> None:
@@ -189,20 +185,15 @@ class QuadraticRegularizer(ContinualMethod):
         self._diff = None
 
     @override
-    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        """At a task boundary (not after the last task): estimate the importance and consolidate."""
-        dm = stream_of(trainer)
-        epoch = trainer.current_epoch
-        if not dm.is_task_end(epoch):
+    def on_task_end(self, trainer: L.Trainer, module: ContinualModule, task: int, last: bool) -> None:
+        """Estimate the finished task's importance and consolidate (not after the last task: nothing is trained
+        after it, so its importance would never be used)."""
+        if last:
             return
-        task = dm.task_of_epoch(epoch)
-        if task == dm.num_tasks - 1:
-            return  # nothing is trained after the last task: its importance would never be used
-        params = {n: p for n, p in pl_module.named_parameters() if p.requires_grad}
-        importance = self.task_importance(trainer, pl_module, task, params)
+        params = {n: p for n, p in module.named_parameters() if p.requires_grad}
+        importance = self.task_importance(trainer, module, task, params)
         self.consolidate(importance, params)
-        mean = torch.stack([f.mean() for f in importance.values()]).mean()
-        pl_module.log(f"{self.name}/importance_mean", mean, sync_dist=True)
+        module.log_event({f"{self.name}/importance_mean": torch.stack([f.mean() for f in importance.values()]).mean()})
 
     # ---- checkpointing -----------------------------------------------------------------------------
     @override

@@ -12,7 +12,7 @@ from typing_extensions import override
 
 from lifelong.data.streams import stream_of
 from lifelong.data.tensors import Batch
-from lifelong.methods.base import ContinualMethod
+from lifelong.methods.base import ContinualMethod, ContinualModule
 
 POLICIES = ("reservoir", "class_balanced")
 
@@ -174,13 +174,6 @@ class MemoryMethod(ContinualMethod):
         return torch.Generator(device=device).manual_seed(((seed * 1_000_003 + epoch) * 1009 + rank) * 7 + salt)
 
     @staticmethod
-    def ended_task(trainer: L.Trainer) -> int | None:
-        """The task whose last epoch this was, or None: also for the stream's last task, which nothing replays."""
-        dm, epoch = stream_of(trainer), trainer.current_epoch
-        task = dm.task_of_epoch(epoch)
-        return task if dm.is_task_end(epoch) and task < dm.num_tasks - 1 else None
-
-    @staticmethod
     def task_order(seed: int, task: int, n: int) -> Tensor:
         """A permutation of a task's ``n`` training samples, seeded by the stream and the task: the same on every
         rank and after resume."""
@@ -243,25 +236,24 @@ class ExperienceReplay(MemoryMethod):
         self._generator = self.epoch_generator(trainer, pl_module.device, salt=3)
 
     @override
-    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        task = self.ended_task(trainer)
-        if task is None:
+    def on_task_end(self, trainer: L.Trainer, module: ContinualModule, task: int, last: bool) -> None:
+        """The finished task's samples are offered to the memory (not the last task's: nothing replays them)."""
+        if last:
             return
-        dm = stream_of(trainer)
+        dm = module.stream
         data = dm.train_data(task)
         classes = data.tasks * (int(data.labels.max()) + 1) + data.labels[data.rows]  # (task, label) pairs
         order = self.task_order(dm.seed, task, len(data))
         rows, tasks, classes = (t.cpu()[order] for t in (data.rows, data.tasks, classes))
         self.buffer.add(rows, tasks, classes, torch.Generator().manual_seed(dm.seed * 31_337 + task))
-        self.buffer.to(pl_module.device)
+        self.buffer.to(module.device)
 
     @override
-    def penalty(self, pl_module: L.LightningModule, batch: Batch, outputs: Tensor) -> Tensor | None:
+    def penalty(self, module: ContinualModule, batch: Batch, outputs: Tensor) -> Tensor | None:
         if len(self.buffer) == 0 or self.replay_weight == 0:
             return None
         assert self._generator is not None
-        dm = stream_of(pl_module.trainer)
-        n = self.replay_batch_size or batch[0].shape[0]
+        n = self.replay_batch_size or batch.x.shape[0]
         pick = torch.randint(len(self.buffer), (n,), device=self.buffer.rows.device, generator=self._generator)
-        x, y, task = dm.replay_batch(self.buffer.rows[pick], self.buffer.tasks[pick], self._generator)
-        return self.replay_weight * F.cross_entropy(pl_module(x, task), y)
+        replayed = module.stream.replay_batch(self.buffer.rows[pick], self.buffer.tasks[pick], self._generator)
+        return self.replay_weight * F.cross_entropy(module(replayed.x, replayed.task), replayed.y)

@@ -11,7 +11,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 from typing_extensions import override
 
-from lifelong.data.streams import stream_of
+from lifelong.methods.base import ContinualModule
 from lifelong.methods.quadratic import QuadraticRegularizer, check_strength
 
 
@@ -98,13 +98,14 @@ class SI(QuadraticRegularizer):
 
     # ---- Lightning hooks ---------------------------------------------------------------------------
     @override
-    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        dm = stream_of(trainer)
-        params = {n: p for n, p in pl_module.named_parameters() if p.requires_grad}
-        if trainer.current_epoch % dm.epochs_per_task == 0 or not self._omega:  # a task starts
-            self.begin_task(params)
-        else:  # a later epoch of the task, or a run resumed inside it: go on with the integral
-            self._rebind(params)
+    def on_task_start(self, trainer: L.Trainer, module: ContinualModule, task: int) -> None:
+        self.begin_task({n: p for n, p in module.named_parameters() if p.requires_grad})
+
+    @override
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """A run resumed inside a task goes on with the integral its checkpoint holds, on the model's device."""
+        if self._omega:
+            self._rebind({n: p for n, p in pl_module.named_parameters() if p.requires_grad})
 
     def _rebind(self, params: Mapping[str, Tensor]) -> None:
         device = next(iter(params.values())).device
@@ -122,13 +123,12 @@ class SI(QuadraticRegularizer):
         self.record_step()
 
     @override
-    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        super().on_train_epoch_end(trainer, pl_module)  # consolidates at a task end
-        if stream_of(trainer).is_task_end(trainer.current_epoch):
-            self._omega = []  # the next task starts a new integral
+    def on_task_end(self, trainer: L.Trainer, module: ContinualModule, task: int, last: bool) -> None:
+        super().on_task_end(trainer, module, task, last)  # consolidates
+        self._omega = []  # the next task starts a new integral
 
     def task_importance(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, task: int, params: Mapping[str, Tensor]
+        self, trainer: L.Trainer, module: ContinualModule, task: int, params: Mapping[str, Tensor]
     ) -> dict[str, Tensor]:
         return self.path_importance()
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import lightning as L
@@ -14,9 +14,11 @@ from torch.optim import Optimizer
 from torchmetrics.classification import MulticlassAccuracy
 from typing_extensions import Self, override
 
+from lifelong.data.schedule import Step
 from lifelong.data.streams import TaskStream, stream_of
+from lifelong.data.tensors import Batch
 from lifelong.errors import NonFiniteLossError
-from lifelong.methods.base import ContinualMethod, log_now
+from lifelong.methods.base import ContinualMethod, log_now, stream_needs
 
 log = logging.getLogger(__name__)
 
@@ -66,8 +68,13 @@ class ContinualClassifier(L.LightningModule):
       is. Methods see these logits through ``forward(x, task)``, and need not know the scenario.
     * Training: cross-entropy plus the penalty of every :class:`~lifelong.methods.ContinualMethod` among the
       trainer's callbacks (logged as ``train/loss`` and ``train/<method>_penalty``).
-    * Evaluation: at the end of each task, Lightning's validation loop measures every task's test set and,
-      with ``validation``, every task's validation set (the stream's loaders: validation sets first). They
+    * Task events: at every training step the stream's clock (:meth:`lifelong.data.TaskStream.step`) says which
+      task is trained and whether a task starts or ends there; the module raises each event once, to every
+      method (``on_task_start`` before a task's first step, ``on_task_end`` after its last), clears the
+      optimizer's state at a task's start (``reset_optimizer``) and evaluates at its end. A boundary may fall
+      at any step, inside an epoch too.
+    * Evaluation: at the end of each task the module measures every task's test set and, with ``validation``,
+      every task's validation set (:meth:`lifelong.data.TaskStream.eval_loaders`: validation sets first). They
       fill row ``task`` of :attr:`accuracy_matrix` (test) and :attr:`val_accuracy_matrix`, buffers, so
       checkpoints carry them. Logged as ``test/acc/task_<j>`` (1-based) and ``test/avg_acc_seen``, and as
       ``val/...`` for validation, which the progress bar shows when there is some. Before the first task,
@@ -154,6 +161,7 @@ class ContinualClassifier(L.LightningModule):
         self._methods: list[ContinualMethod] = []
         self._loss_method: ContinualMethod | None = None  # the method whose loss replaces the cross-entropy
         self._loss_watch = LossWatch()
+        self._step: Step | None = None  # where the current training step falls in the stream
 
     @classmethod
     def for_stream(cls, net: nn.Module, optimizer: OptimizerFactory, stream: TaskStream, **kwargs: Any) -> Self:
@@ -177,6 +185,19 @@ class ContinualClassifier(L.LightningModule):
             object.__setattr__(self, name, value)
         else:
             super().__setattr__(name, value)
+
+    @property
+    def stream(self) -> TaskStream:
+        """The stream being trained: the trainer's datamodule."""
+        return stream_of(self.trainer)
+
+    def log_event(self, values: Mapping[str, float | Tensor]) -> None:
+        """Write ``values`` to the loggers at this step, as they are (not Lightning's per-step or per-epoch
+        reduction: a task event may fall at any step). The values must already agree across ranks."""
+        trainer = self.trainer
+        metrics = {k: float(v) for k, v in values.items()}
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=trainer.global_step)
 
     @override
     def forward(self, x: Tensor, task: Tensor | None = None) -> Tensor:
@@ -204,20 +225,19 @@ class ContinualClassifier(L.LightningModule):
         """The class scores evaluation ranks: a method's own (:meth:`ContinualMethod.scores`, e.g. iCaRL's nearest
         mean of exemplars) where one gives them, else the logits of :meth:`forward`."""
         for method in self._methods:
-            scores = method.scores(self, x, task)  # type: ignore[arg-type]
+            scores = method.scores(self, x, task)
             if scores is not None:
                 return scores
         return self(x, task)
 
     @override
     def on_fit_start(self) -> None:
+        """The run's methods, and what they need from the stream (refused here if two need incompatible things)."""
         callbacks = self.trainer.callbacks  # type: ignore[attr-defined]
         self._methods = [cb for cb in callbacks if isinstance(cb, ContinualMethod)]
+        self.stream.serve(stream_needs(self._methods))
         base = ContinualMethod.classification_loss
         replacing = [m for m in self._methods if type(m).classification_loss is not base]
-        if len(replacing) > 1:
-            names = [m.name for m in replacing]
-            raise ValueError(f"methods {names} each replace the classification loss: combine at most one of them")
         self._loss_method = replacing[0] if replacing else None  # chosen once, not looked up every step
 
     @override
@@ -225,31 +245,49 @@ class ContinualClassifier(L.LightningModule):
         """A fresh stream (not a resumed one) measures the untrained network first: forward transfer's reference."""
         if self.trainer.global_step > 0 or not self.initial_accuracy.isnan().all():
             return
-        dm = stream_of(self.trainer)
-        was_training = self.training
-        self.eval()
-        with torch.no_grad():
-            for i, loader in enumerate(dm.val_dataloader()):
-                for x, y, task in loader:
-                    self._measure(i, x, y, task)
-        self.train(was_training)
+        self._measure_all()
         val, test, _ = self._computed_rows()
         self.initial_accuracy.copy_(test)
         if val is not None:
             self.val_initial_accuracy.copy_(val)
 
+    # ---- the stream's task events ----------------------------------------------------------------------
     @override
-    def on_train_epoch_start(self) -> None:
-        dm = stream_of(self.trainer)
-        epoch = self.current_epoch
-        self.current_task = dm.task_of_epoch(epoch)
-        if self.reset_optimizer and epoch > 0 and dm.is_task_end(epoch - 1):
-            for opt in self.trainer.optimizers:
-                opt.state.clear()  # optimizers re-create their state lazily at the next step
+    def on_train_batch_start(self, batch: Batch, batch_idx: int) -> None:
+        """Ask the stream's clock where this step falls; at a task's first step, raise ``on_task_start``."""
+        trainer = self.trainer
+        step = self.stream.step(trainer.current_epoch, batch_idx, int(trainer.num_training_batches))
+        self._step = step
+        self.current_task = step.task
+        if step.starts_task:
+            if self.reset_optimizer and step.task > 0:
+                for opt in trainer.optimizers:
+                    opt.state.clear()  # optimizers re-create their state lazily at the next step
+            for method in self._methods:
+                method.on_task_start(trainer, self, step.task)
 
     @override
-    def training_step(self, batch: tuple[Tensor, ...], batch_idx: int) -> Tensor:
-        x, task = batch[0], batch[2]  # a stream may add each sample's row (TaskStream.train_rows)
+    def on_train_batch_end(self, outputs: Any, batch: Batch, batch_idx: int) -> None:
+        """After a task's last step: raise ``on_task_end`` (methods consolidate, select exemplars...), then
+        evaluate every task: a row of the accuracy matrix. (Every callback's own ``on_train_batch_end``, such as
+        DER's memory update, ran before this.)"""
+        step = self._step
+        if step is None or not step.ends_task:
+            return
+        trainer = self.trainer
+        for method in self._methods:
+            method.on_task_end(trainer, self, step.task, last=step.task == self.num_tasks - 1)
+        self._evaluate(step.task)
+
+    @override
+    def on_train_epoch_end(self) -> None:
+        self._raise_if_non_finite()
+        # the per-task checkpoints are named by it (ModelCheckpoint reads the values logged by then)
+        self.log("task", float(len(self.completed_rows())), logger=False, sync_dist=True)
+
+    @override
+    def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
+        x, task = batch.x, batch.task
         outputs = self.outputs(x, task)
         loss = self._classification_loss(batch, outputs)
         log = log_now(self.trainer)
@@ -270,18 +308,18 @@ class ContinualClassifier(L.LightningModule):
                 loss = loss + penalty
         return loss
 
-    def _classification_loss(self, batch: tuple[Tensor, ...], outputs: Tensor) -> Tensor:
+    def _classification_loss(self, batch: Batch, outputs: Tensor) -> Tensor:
         if self._loss_method is not None:
             loss = self._loss_method.classification_loss(self, batch, outputs)
             if loss is not None:
                 return loss
-        return F.cross_entropy(self.heads(outputs, batch[2]), batch[1])
+        return F.cross_entropy(self.heads(outputs, batch.task), batch.y)
 
     def _non_finite(
         self, loss: float, batch_idx: int, step: int | None = None, after: bool = False
     ) -> NonFiniteLossError:
-        dm = stream_of(self.trainer)
-        epoch = self.current_epoch
+        dm = self.stream
+        e, of = dm.epoch_in_task(self.current_epoch)
         ckpt = getattr(self.trainer.checkpoint_callback, "dirpath", None)
         stopped = (
             "Training stopped before the next checkpoint, which would have held its weights"
@@ -289,8 +327,8 @@ class ContinualClassifier(L.LightningModule):
             else "Training stopped before this step changed the weights"
         )
         return NonFiniteLossError(
-            f"the training loss is {loss} at task {dm.task_of_epoch(epoch) + 1}/{dm.num_tasks} "
-            f"(epoch {epoch % dm.epochs_per_task + 1}/{dm.epochs_per_task} of the task, batch {batch_idx}, "
+            f"the training loss is {loss} at task {self.current_task + 1}/{dm.num_tasks} "
+            f"(epoch {e + 1}/{of} of the task, batch {batch_idx}, "
             f"global step {self.global_step if step is None else step}). {stopped}"
             + (f"; the checkpoints written so far are intact in {ckpt}" if ckpt else "")
             + ". Lower the learning rate (optimizer.lr) or the method's strength (e.g. method.ewc_lambda)."
@@ -303,17 +341,21 @@ class ContinualClassifier(L.LightningModule):
         if found is not None:
             raise self._non_finite(*found, after=True)
 
-    @override
-    def on_validation_epoch_start(self) -> None:
-        self._raise_if_non_finite()
+    # ---- evaluation ----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def _measure_all(self) -> None:
+        """One pass over the stream's evaluation loaders, in eval mode, into the accuracy metrics.
 
-    @override
-    def on_train_epoch_end(self) -> None:
-        self._raise_if_non_finite()
-
-    @override
-    def validation_step(self, batch: tuple[Tensor, Tensor, Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
-        self._measure(dataloader_idx, *batch)
+        Not Lightning's validation loop: that runs on its own schedule (epoch ends, fixed intervals), and a task
+        may end at any step of the stream's clock."""
+        was_training = self.training
+        self.eval()
+        try:
+            for i, loader in enumerate(self.stream.eval_loaders()):
+                for b in loader:
+                    self._measure(i, b.x, b.y, b.task)
+        finally:
+            self.train(was_training)
 
     def _measure(self, loader: int, x: Tensor, y: Tensor, task: Tensor) -> None:
         scores = self.predict(x, task)
@@ -330,10 +372,11 @@ class ContinualClassifier(L.LightningModule):
         aware = _computed(self.task_aware_acc) if self.task_aware_acc else None
         return (row[:t] if self.validation else None), row[-t:], aware
 
-    @override
-    def on_validation_epoch_end(self) -> None:
-        dm = stream_of(self.trainer)
-        task = dm.task_of_epoch(self.current_epoch)
+    def _evaluate(self, task: int) -> None:
+        """Row ``task`` of every accuracy matrix, measured now (after the task's last step), and logged."""
+        self._raise_if_non_finite()
+        self._measure_all()
+        dm = self.stream
         val, test, aware = self._computed_rows()
         self.accuracy_matrix[task] = test.to(self.accuracy_matrix)
         if val is not None:
@@ -344,21 +387,14 @@ class ContinualClassifier(L.LightningModule):
                 self.val_task_aware_accuracy_matrix[task] = aware[: self.num_tasks].to(
                     self.val_task_aware_accuracy_matrix
                 )
-        # the values are already synced across ranks (torchmetrics); sync_dist only silences Lightning's warning,
-        # at the cost of one tiny all-reduce per task
+        # the values are already synced across ranks (torchmetrics)
+        logged: dict[str, float | Tensor] = {"task": float(task + 1)}
         for split, row in (("val", val), ("test", test)):
             if row is not None:
-                for j, acc in enumerate(row):
-                    self.log(f"{split}/acc/task_{j + 1}", acc, sync_dist=True)
-                # the progress bar shows validation when there is some
-                self.log(
-                    f"{split}/avg_acc_seen",
-                    row[: task + 1].mean(),
-                    prog_bar=split == "val" or val is None,
-                    sync_dist=True,
-                )
-        self.log("task", float(task + 1), sync_dist=True)
-        if self.trainer.is_global_zero and not self.trainer.sanity_checking:
+                logged.update({f"{split}/acc/task_{j + 1}": acc for j, acc in enumerate(row)})
+                logged[f"{split}/avg_acc_seen"] = row[: task + 1].mean()
+        self.log_event(logged)
+        if self.trainer.is_global_zero:
             parts = [
                 f"{name} accuracy {_mean_pct(row, task)}"
                 for name, row in (("validation", val), ("test", test))

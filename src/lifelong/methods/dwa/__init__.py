@@ -1,0 +1,24 @@
+"""Dynamic weight allocation (DWA): per-sample weight masks generated from a context embedding of the input.
+
+* :mod:`~lifelong.methods.dwa.layers`: the masked Linear and Conv2d layers;
+* :mod:`~lifelong.methods.dwa.net`: :class:`DWANet`, the wrapped network with its context processor;
+* :mod:`~lifelong.methods.dwa.curriculum`: each sample's complexity, and the curriculum built on it;
+* :mod:`~lifelong.methods.dwa.method`: :class:`DWA`, the method (a :class:`~lifelong.methods.ContinualMethod`).
+"""
+
+from lifelong.methods.dwa.curriculum import Curriculum
+from lifelong.methods.dwa.layers import GATES, MaskedConv2d, MaskedLinear, factor_pair, triplet
+from lifelong.methods.dwa.method import DWA
+from lifelong.methods.dwa.net import ContextProcessor, DWANet
+
+__all__ = [
+    "DWA",
+    "GATES",
+    "ContextProcessor",
+    "Curriculum",
+    "DWANet",
+    "MaskedConv2d",
+    "MaskedLinear",
+    "factor_pair",
+    "triplet",
+]

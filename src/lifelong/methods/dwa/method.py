@@ -1,0 +1,416 @@
+r"""The DWA method (dynamic weight allocation; Geilert, "Pay attention to the Task: Avoid forgetting in sequential
+learning through dynamic weight allocation"): a mask over every weight, generated for every sample from its input.
+
+HAT learns one mask per *task* over a layer's *units*; DWA generates, for every *sample*, a mask over every
+*weight* of the masked layers from a context embedding of the input itself, and protects earlier tasks
+softly: a loss keeps the masks small on weights with a high Fisher value for earlier tasks, and a triplet
+loss pulls a task's embeddings together and away from other tasks'.
+
+The choices lifelong makes where the paper and its code (felixnext/dwa) differ, and the code's bugs it
+fixes, are listed in the docs/methods.md ("DWA: what lifelong implements").
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from typing_extensions import override
+
+from lifelong.data.streams import TaskStream, stream_of
+from lifelong.data.tensors import Batch, TaskData
+from lifelong.errors import ResumeError
+from lifelong.methods.base import (
+    ContinualMethod,
+    ContinualModule,
+    log_now,
+    module_of,
+    refuse_sharded,
+    require_task_scenario,
+    wrapped_net,
+)
+from lifelong.methods.dwa.curriculum import Curriculum
+from lifelong.methods.dwa.layers import check_gate, triplet
+from lifelong.methods.dwa.net import DWANet
+from lifelong.methods.fisher import fisher_sums
+from lifelong.methods.quadratic import all_reduce_mean, task_sample
+
+
+class DWA(ContinualMethod):
+    r"""Dynamic weight allocation (Geilert, "Pay attention to the Task", a fork of HAT); the task scenario.
+
+    The network is wrapped in a :class:`DWANet`. The loss of a training step is
+
+    .. math::  L_{task} + \lambda_1 L_{emb} + \lambda_2 \sum_j L_{pl,j} + \lambda_3 \sum_j R_{sp,j}
+
+    averaged over the batch's samples, each term per sample ``b``:
+
+    * :math:`L_{emb} = (1 - \zeta_b)\,(T(E_b, P, N) + \delta\,T(E_b, P, N_T))` with the triplet loss
+      :math:`T(E, P, N) = [\|E - P\|^2 - \|E - N\|^2 + \alpha]_+` and the sample's complexity
+      :math:`\zeta_b` (from the second task on; ``anchor_first_task`` also on the first, without the
+      :math:`N_T` term). The anchors are recomputed at the start of every epoch from the current network:
+      :math:`P` the mean embedding of ``anchor_samples`` low-complexity samples (:math:`\zeta < 0.4`) of
+      the task; :math:`N` of ``negative_searches`` random unit directions orthogonal to :math:`P`, the one
+      whose injection as every sample's embedding gives the highest task loss on them; :math:`N_T` of the
+      earlier tasks' stored anchors, the one giving the highest loss. A task's anchor :math:`P` is stored
+      when it ends.
+    * :math:`L_{pl,j} = \sum_i F_i |M_{b,i}|` over the weights of masked layer :math:`j`, with :math:`F`
+      the diagonal Fisher of those weights (per-sample, empirical, from lifelong's engine), the mean of
+      the earlier tasks' Fishers (the paper's running merge).
+    * :math:`R_{sp,j} = [\frac{1}{|M_j|} \sum_i a(M_{b,i}) - \mu]_+`, where the soft activity :math:`a` is
+      :math:`\max(M, 0)` for tanh masks (:math:`M` for sigmoid ones): the paper's fraction of active mask
+      entries, :math:`\mathbb{1}(H > 0)`, in the gate's saturated limit, with a gradient towards sparse masks.
+
+    The curriculum (``curriculum``) trains each epoch only on the task's samples with
+    :math:`\zeta \le \min(1, s + (1 - s)\,e / E_c)` at epoch :math:`e` of the task; the warm-up divides the
+    learning rate by ``warmup_divisor`` for the first ``warmup_epochs`` epochs of every task.
+
+    Under DDP every rank computes the complexity of the whole task (the same scores), the anchors' means and
+    losses and the Fisher are sums over each rank's shard, all-reduced: every rank holds the same state,
+    equal to one process's.
+
+    Args:
+        stem_layers: see :class:`DWANet`.
+        emb_size: see :class:`DWANet`.
+        processor_features: see :class:`DWANet`.
+        gate: see :class:`DWANet`.
+        chunk_elements: see :class:`DWANet`.
+        paper_init: see :class:`DWANet`.
+        lambda_emb: :math:`\lambda_1` (20).
+        lambda_attention: :math:`\lambda_2` (0.1).
+        lambda_sparsity: :math:`\lambda_3` (500).
+        sparsity: :math:`\mu`, the fraction of active mask entries allowed without penalty (0.2).
+        margin: the triplet margin :math:`\alpha` (1.5).
+        delta: :math:`\delta`, the weight of the earlier tasks' anchor (1).
+        anchor_first_task: apply :math:`L_{emb}` on the first task too.
+        anchor_threshold: the complexity below which samples make the anchors (0.4).
+        anchor_samples: how many of them (a seeded random choice; 320, the code's 10 batches of 32).
+        negative_searches: random directions tried for :math:`N` (5).
+        curriculum: train each epoch on the samples under the rising complexity threshold.
+        curriculum_start: the threshold :math:`s` at a task's first epoch (0.2).
+        curriculum_epochs: :math:`E_c`, the epochs over which it reaches 1 (100).
+        warmup_epochs: epochs of reduced learning rate at the start of every task (0: none).
+        warmup_divisor: the learning rate's divisor during them (750).
+        fisher_samples: samples of a finished task to estimate the Fisher on (seeded); ``None`` for all.
+    """
+
+    name = "dwa"
+    needs_rows = True  # training batches carry their rows: each sample's complexity weights its L_emb
+
+    def __init__(
+        self,
+        stem_layers: int = 1,
+        emb_size: int = 100,
+        processor_features: Sequence[int] = (32, 128),
+        gate: str = "tanh",
+        lambda_emb: float = 20.0,
+        lambda_attention: float = 0.1,
+        lambda_sparsity: float = 500.0,
+        sparsity: float = 0.2,
+        margin: float = 1.5,
+        delta: float = 1.0,
+        anchor_first_task: bool = False,
+        anchor_threshold: float = 0.4,
+        anchor_samples: int = 320,
+        negative_searches: int = 5,
+        curriculum: bool = True,
+        curriculum_start: float = 0.2,
+        curriculum_epochs: int = 100,
+        warmup_epochs: int = 0,
+        warmup_divisor: float = 750.0,
+        fisher_samples: int | None = None,
+        chunk_elements: int = 2**24,
+        paper_init: bool = True,
+    ) -> None:
+        super().__init__()
+        for key, value in (
+            ("lambda_emb", lambda_emb),
+            ("lambda_attention", lambda_attention),
+            ("lambda_sparsity", lambda_sparsity),
+            ("margin", margin),
+            ("delta", delta),
+        ):
+            if not value >= 0:  # also refuses NaN
+                raise ValueError(f"method.{key} must be >= 0, got {value}")
+        for key, value in (("sparsity", sparsity), ("anchor_threshold", anchor_threshold)):
+            if not 0 <= value <= 1:
+                raise ValueError(f"method.{key} must be in [0, 1], got {value}")
+        if not 0 <= curriculum_start <= 1:
+            raise ValueError(f"method.curriculum_start must be in [0, 1], got {curriculum_start}")
+        for key, count in (
+            ("emb_size", emb_size),
+            ("anchor_samples", anchor_samples),
+            ("negative_searches", negative_searches),
+            ("curriculum_epochs", curriculum_epochs),
+            ("chunk_elements", chunk_elements),
+        ):
+            if int(count) < 1:
+                raise ValueError(f"method.{key} must be at least 1, got {count}")
+        if len(processor_features) != 2 or min(int(f) for f in processor_features) < 1:
+            raise ValueError(f"method.processor_features must be two widths [F_B, F_E], got {processor_features}")
+        if int(warmup_epochs) < 0 or not warmup_divisor >= 1:
+            raise ValueError(
+                f"method.warmup_epochs must be >= 0 and method.warmup_divisor >= 1, got {warmup_epochs}, "
+                f"{warmup_divisor}"
+            )
+        if fisher_samples is not None and fisher_samples < 1:
+            raise ValueError(f"method.fisher_samples must be a positive number or null, got {fisher_samples}")
+        check_gate(gate)
+        self.net_options: dict[str, Any] = {
+            "stem_layers": int(stem_layers),
+            "emb_size": int(emb_size),
+            "processor_features": [int(f) for f in processor_features],
+            "gate": gate,
+            "chunk_elements": int(chunk_elements),
+            "paper_init": bool(paper_init),
+        }
+        self.lambda_emb = float(lambda_emb)
+        self.lambda_attention = float(lambda_attention)
+        self.lambda_sparsity = float(lambda_sparsity)
+        self.sparsity = float(sparsity)
+        self.margin = float(margin)
+        self.delta = float(delta)
+        self.anchor_first_task = bool(anchor_first_task)
+        self.anchor_threshold = float(anchor_threshold)
+        self.anchor_samples = int(anchor_samples)
+        self.negative_searches = int(negative_searches)
+        self.curriculum = Curriculum(curriculum, curriculum_start, curriculum_epochs)
+        self.warmup_epochs = int(warmup_epochs)
+        self.warmup_divisor = float(warmup_divisor)
+        self.fisher_samples = fisher_samples
+        # state (see state_dict)
+        self.task_anchors: list[Tensor] = []  # P of each finished task
+        self.anchors: dict[str, Tensor] = {}  # this epoch's P, N and (from the second task) N_T
+        self.fisher: dict[str, Tensor] = {}  # masked weights' Fisher: the mean over the finished tasks
+        self.num_fishers = 0
+
+    # ---- the network -------------------------------------------------------------------------------
+    @override
+    def configure_network(self, net: nn.Module, stream: TaskStream) -> nn.Module:
+        require_task_scenario("dwa", stream, "its heads are per task, as in the paper")
+        return DWANet(net, stream.input_shape, **self.net_options)
+
+    def _net(self, module: L.LightningModule | ContinualModule) -> DWANet:
+        return wrapped_net(module, DWANet, "dwa")
+
+    def _masked_params(self, module: ContinualModule) -> dict[str, nn.Parameter]:
+        """The masked layers' weights and biases, by the module's parameter names."""
+        owned = {id(p) for layer in self._net(module).masked for p in layer.parameters(recurse=False)}
+        return {n: p for n, p in module.named_parameters() if id(p) in owned}
+
+    def _install_fisher(self, module: ContinualModule) -> None:
+        named = dict(module.named_parameters())
+        for layer in self._net(module).masked:
+            name = next(n for n, p in named.items() if p is layer.weight)
+            layer.importance = self.fisher.get(name)
+
+    # ---- hooks -------------------------------------------------------------------------------------
+    @override
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        """Before the fit: check the network and the strategy."""
+        self._net(pl_module)
+        refuse_sharded("dwa", trainer)
+
+    @override
+    def training_data(self, stream: TaskStream, data: TaskData, task: int, epoch_in_task: int) -> TaskData:
+        """The curriculum's samples of the epoch (all of them with ``curriculum=false``)."""
+        return self.curriculum.select(stream, data, task, epoch_in_task)
+
+    @override
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """After the strategy placed the model: move the (restored) state to its device."""
+        device = pl_module.device
+        self.task_anchors = [a.to(device) for a in self.task_anchors]
+        self.anchors = {k: a.to(device) for k, a in self.anchors.items()}
+        self.fisher = {k: f.to(device) for k, f in self.fisher.items()}
+        self._install_fisher(module_of(pl_module))
+
+    @override
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Every epoch: the warm-up's learning rate, and this epoch's anchors P, N (and N_T)."""
+        stream, epoch = stream_of(trainer), trainer.current_epoch
+        task, epoch_in_task = stream.task_of_epoch(epoch), stream.epoch_in_task(epoch)[0]
+        if self.warmup_epochs:  # otherwise the optimizer's rate is left alone
+            factor = 1 / self.warmup_divisor if epoch_in_task < self.warmup_epochs else 1.0
+            for opt in trainer.optimizers:
+                for group in opt.param_groups:
+                    base = group.setdefault("initial_lr", group["lr"])
+                    group["lr"] = base * factor
+        position = self.curriculum.position
+        if self.curriculum.enabled and position:
+            pl_module.log("dwa/curriculum_threshold", position["threshold"])
+            pl_module.log("dwa/curriculum_samples", float(position["samples"]))
+        if task > 0 or self.anchor_first_task:
+            self.anchors = self.search_anchors(trainer, pl_module, task, epoch)
+
+    @override
+    def on_task_end(self, trainer: L.Trainer, module: ContinualModule, task: int, last: bool) -> None:
+        """Store the finished task's anchor and merge its Fisher (not after the last task: nothing uses them)."""
+        if last:
+            return
+        dm = stream_of(trainer)
+        samples = self._anchor_data(dm, task, trainer.current_epoch)
+        with _eval(module), torch.no_grad():
+            self.task_anchors.append(self._mean_embedding(trainer, module, dm, samples))
+        fisher = self.task_fisher(trainer, module, task)
+        k = self.num_fishers
+        self.fisher = {n: (f + k * self.fisher[n]) / (k + 1) if k else f for n, f in fisher.items()}
+        self.num_fishers += 1
+        self._install_fisher(module)
+        module.log_event({"dwa/fisher_mean": torch.stack([f.mean() for f in self.fisher.values()]).mean()})
+
+    def task_fisher(self, trainer: L.Trainer, module: ContinualModule, task: int) -> dict[str, Tensor]:
+        """The diagonal Fisher of the masked layers' weights on ``task``'s training data (all ranks' samples)."""
+        dm = stream_of(trainer)
+        data = task_sample(dm, task, self.fisher_samples)
+        params = self._masked_params(module)
+        sums = fisher_sums(module, dm.loader(data, train=False), "empirical", params=params)  # type: ignore[arg-type]
+        weights = {n: p for n, p in params.items() if p.ndim > 1}
+        return all_reduce_mean(trainer, {n: sums.sums[n] for n in weights}, sums.count)
+
+    # ---- anchors -----------------------------------------------------------------------------------
+    def _anchor_data(self, stream: TaskStream, task: int, epoch: int) -> TaskData:
+        """``anchor_samples`` of the task's low-complexity training samples (seeded by stream, task, epoch)."""
+        data = stream.train_data(task)
+        zeta = self.curriculum.complexity(stream, task)[data.rows]
+        easy = (zeta < self.anchor_threshold).nonzero().squeeze(1)
+        if easy.numel() == 0:  # every sample is complex: the simplest ones
+            easy = zeta.argsort()[: self.anchor_samples]
+        g = torch.Generator().manual_seed((stream.seed * 1_000_003 + epoch) * 31 + 17)
+        pick = easy[torch.randperm(easy.numel(), generator=g)[: self.anchor_samples].to(easy.device)].sort().values
+        return TaskData(data.images, data.labels, data.rows[pick], data.tasks[pick], data.task)
+
+    def _mean_embedding(
+        self, trainer: L.Trainer, module: ContinualModule, stream: TaskStream, data: TaskData
+    ) -> Tensor:
+        """The mean embedding of ``data`` (summed over every rank's shard)."""
+        net = self._net(module)
+        total: Tensor | None = None
+        count = 0
+        for x, _, t, _ in stream.loader(data, train=False):
+            module(x, t)
+            assert net.embedding is not None
+            part = net.embedding.sum(0)
+            total = part if total is None else total + part
+            count += x.shape[0]
+        if total is None:
+            total = torch.zeros(self.net_options["emb_size"], device=module.device)
+        return all_reduce_mean(trainer, {"p": total}, count)["p"]
+
+    def _task_loss(
+        self, trainer: L.Trainer, module: ContinualModule, stream: TaskStream, data: TaskData, emb: Tensor
+    ) -> Tensor:
+        """The task's mean cross-entropy on ``data`` with ``emb`` injected as every sample's embedding."""
+        net = self._net(module)
+        total = torch.zeros((), device=module.device)
+        count = 0
+        with net.inject(emb):
+            for x, y, t, _ in stream.loader(data, train=False):
+                total = total + F.cross_entropy(module(x, t), y, reduction="sum")
+                count += x.shape[0]
+        return all_reduce_mean(trainer, {"loss": total.view(1)}, count)["loss"][0]
+
+    @torch.no_grad()
+    def search_anchors(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, task: int, epoch: int
+    ) -> dict[str, Tensor]:
+        """This epoch's anchors ``{"pos": P, "neg": N[, "task_neg": N_T]}`` from the current network."""
+        module = module_of(pl_module)
+        dm = stream_of(trainer)
+        data = self._anchor_data(dm, task, epoch)
+        with _eval(module):
+            pos = self._mean_embedding(trainer, module, dm, data)
+            unit = pos / pos.norm().clamp_min(1e-12)
+            g = torch.Generator().manual_seed((dm.seed * 1_000_003 + epoch) * 31 + 23)
+            best: tuple[float, Tensor] | None = None
+            for _ in range(self.negative_searches):
+                v = torch.randn(pos.shape, generator=g).to(pos)
+                v = v - (v @ unit) * unit  # orthogonal to P
+                v = v / v.norm().clamp_min(1e-12)
+                loss = float(self._task_loss(trainer, module, dm, data, v))
+                if best is None or loss > best[0]:
+                    best = (loss, v)
+            assert best is not None
+            anchors = {"pos": pos, "neg": best[1]}
+            earlier = [(float(self._task_loss(trainer, module, dm, data, a)), a) for a in self.task_anchors[:task]]
+            if earlier:
+                anchors["task_neg"] = max(earlier, key=lambda pair: pair[0])[1]
+        return anchors
+
+    # ---- the loss ----------------------------------------------------------------------------------
+    @override
+    def penalty(self, module: ContinualModule, batch: Batch, outputs: Tensor) -> Tensor | None:
+        net = self._net(module)
+        ctx = net.context
+        x = batch.x
+        if net.embedding is None or net.embedding.shape[0] != x.shape[0] or not net.embedding.requires_grad:
+            net(x, batch.task)  # another forward pass ran since this batch's (e.g. a replayed batch's): redo it
+        emb = net.embedding
+        assert emb is not None
+        terms: dict[str, Tensor] = {}
+        task = module.current_task  # the stream's clock: no look at the batch's tensors
+        if self.anchors and (task > 0 or self.anchor_first_task):
+            rows = batch.rows
+            zeta = (
+                self.curriculum.complexity(module.stream, task)[rows]
+                if rows is not None
+                else torch.zeros(x.shape[0], device=x.device)
+            )
+            loss = triplet(emb, self.anchors["pos"], self.anchors["neg"], self.margin)
+            if "task_neg" in self.anchors:
+                loss = loss + self.delta * triplet(emb, self.anchors["pos"], self.anchors["task_neg"], self.margin)
+            terms["emb"] = self.lambda_emb * ((1 - zeta) * loss).mean()
+        if ctx.attention:
+            terms["attention"] = self.lambda_attention * torch.stack([a.mean() for a in ctx.attention]).sum()
+        if ctx.activity:
+            over = torch.stack([(a - self.sparsity).clamp_min(0).mean() for a in ctx.activity]).sum()
+            terms["sparsity"] = self.lambda_sparsity * over
+            if log_now(module.trainer):
+                module.log("dwa/activity", torch.stack([a.mean() for a in ctx.activity]).mean())
+        if not terms:
+            return None
+        if log_now(module.trainer):
+            for key, value in terms.items():
+                module.log(f"train/dwa_{key}", value)
+        return torch.stack(list(terms.values())).sum()
+
+    # ---- checkpointing -----------------------------------------------------------------------------
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "task_anchors": [a.detach().cpu() for a in self.task_anchors],
+            "anchors": {k: a.detach().cpu() for k, a in self.anchors.items()},
+            "fisher": {n: f.detach().cpu() for n, f in self.fisher.items()},
+            "num_fishers": self.num_fishers,
+            "curriculum": dict(self.curriculum.position),
+            "net_options": dict(self.net_options),
+        }
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        saved = state_dict.get("net_options", self.net_options)
+        if saved != self.net_options:
+            raise ResumeError(
+                f"the checkpoint's DWA network was built with {saved}, this run's with {self.net_options}: "
+                "resume with the same method options"
+            )
+        self.task_anchors = list(state_dict["task_anchors"])
+        self.anchors = dict(state_dict["anchors"])
+        self.fisher = dict(state_dict["fisher"])
+        self.num_fishers = int(state_dict["num_fishers"])
+        self.curriculum.position = dict(state_dict.get("curriculum", {}))
+
+
+@contextlib.contextmanager
+def _eval(module: nn.Module | ContinualModule) -> Iterator[None]:
+    was = module.training
+    module.eval()
+    try:
+        yield
+    finally:
+        module.train(was)
