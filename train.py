@@ -1,7 +1,8 @@
 """Train a network through a task stream: ``python train.py method=ewc dataset=permuted_mnist``.
 
 A thin Hydra entry point: it composes the config (conf/), checks it, instantiates the parts and fits them
-(see :func:`lifelong.stream_trainer`). Only this file knows about Hydra; the library takes plain values.
+through :class:`lifelong.run.StreamRun`, the path :func:`lifelong.train_stream` takes too. Hydra stays at the
+entry points (this file, eval.py, lifelong.cli and lifelong.config); the library takes plain values.
 Every check runs before anything trains or is written (docs/running.md, "Bad input").
 """
 
@@ -22,55 +23,27 @@ from hydra.types import RunMode
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig
 
-from lifelong.callbacks import StreamReport
-from lifelong.checkpoints import UnreadableCheckpoint, check_checkpoint, read_checkpoint
 from lifelong.cli import (
     EXIT_BAD_INPUT,
     USER_ERRORS,
-    FolderState,
-    RunComplete,
     build_module,
     build_part,
     build_parts,
     check,
-    clear_results,
     exit_with,
-    finished_run,
     held_file_logs,
     load,
     node_values,
-    plan_folder,
     save_config,
 )
 from lifelong.config import name_the_key
-from lifelong.data import TaskStream
-from lifelong.errors import ConfigError, LifelongError, ResumeError, WriteError
-from lifelong.files import remove_stale_temporaries, write_error
+from lifelong.errors import ConfigError, LifelongError, WriteError
+from lifelong.files import write_error
+from lifelong.folders import RunComplete, finished_run
 from lifelong.logs import guard_log_files, quiet_lightning
-from lifelong.models import ContinualClassifier
-from lifelong.run import stream_trainer
+from lifelong.run import StreamRun
 
 log = logging.getLogger(__name__)
-
-# Keys a resumed run may change from the run that wrote its checkpoint: where it runs and what it shows, not
-# what it trains (everything else recorded in the checkpoint must match; see lifelong.checkpoints)
-RESUME_MAY_DIFFER = (
-    "ckpt_path",
-    "resume",
-    "overwrite",
-    "preset",  # the values it pins are compared where they are used
-    "logger",
-    "dataset.root",
-    "dataset.download",
-    "dataset.eval_batch_size",
-    "trainer.accelerator",
-    "trainer.devices",
-    "trainer.num_nodes",
-    "trainer.strategy",
-    "trainer.enable_progress_bar",
-    "trainer.enable_model_summary",
-    "trainer.log_every_n_steps",
-)
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
@@ -99,7 +72,7 @@ def run(cfg: DictConfig, output_dir: Path, choices: dict[str, Any], sweep_dir: P
     """
     with held_file_logs():  # a refused run adds nothing to the folder's train.log
         try:
-            datamodule, module, trainer, report, ckpt_path, state = _prepare(cfg, output_dir, choices)
+            stream_run = _prepare(cfg, output_dir, choices)
         except RunComplete as done:
             if sweep_dir is None:
                 exit_with(str(done))
@@ -109,20 +82,17 @@ def run(cfg: DictConfig, output_dir: Path, choices: dict[str, Any], sweep_dir: P
         except LifelongError as err:
             exit_with(str(err))
     try:
+        stream_run.begin()  # asked for, and every check passed: overwrite's clearing, a killed write's leftovers
         if rank_zero_only.rank == 0:
-            if cfg.overwrite and state != "empty":
-                clear_results(output_dir)  # asked for, and every check passed
-            for folder in (output_dir, output_dir / "checkpoints"):  # a killed write's leftovers
-                for stale in remove_stale_temporaries(folder):
-                    log.info(f"removed {stale}, the temporary file of a write that did not finish")
             save_config(output_dir, cfg, HydraConfig.instance().cfg if HydraConfig.initialized() else None)
-            info, epochs = report.info, cfg.epochs_per_task
-            start = f"resumed from {ckpt_path}" if ckpt_path else "from the start"
+            info, epochs = stream_run.report.info, cfg.epochs_per_task
+            start = f"resumed from {stream_run.ckpt_path}" if stream_run.ckpt_path else "from the start"
             log.info(  # the log's first line: what runs, and where its results go
-                f"{info['method']} on {info['dataset']} ({info['scenario']} scenario): {datamodule.num_tasks} tasks x "
-                f"{epochs} epoch{'s' if epochs > 1 else ''}, seed {cfg.seed}, {start}; results in {output_dir}"
+                f"{info['method']} on {info['dataset']} ({info['scenario']} scenario): "
+                f"{stream_run.datamodule.num_tasks} tasks x {epochs} epoch{'s' if epochs > 1 else ''}, "
+                f"seed {cfg.seed}, {start}; results in {output_dir}"
             )
-        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+        metrics = stream_run.fit()
     except (LifelongError, OSError) as err:  # a NaN loss; a write the system refused
         written = isinstance(err, WriteError) or not isinstance(err, LifelongError)
         message = _write_failed(err, output_dir) if written else str(err)
@@ -137,20 +107,17 @@ def run(cfg: DictConfig, output_dir: Path, choices: dict[str, Any], sweep_dir: P
         # its peer while waiting at a collective, before Lightning's launcher stopped it
         print(f"\nrank {rank_zero_only.rank}: stopped, as another process of the run failed", file=sys.stderr)
         sys.exit(EXIT_BAD_INPUT)
-    metrics = report.metrics
-    if datamodule.has_validation:
+    if stream_run.datamodule.has_validation:
         return metrics.get("val_avg_accuracy")
     if sweep_dir is not None:
         _warn_selecting_on_test(sweep_dir)
     return metrics.get("avg_accuracy")
 
 
-def _prepare(
-    cfg: DictConfig, output_dir: Path, choices: dict[str, Any]
-) -> tuple[TaskStream, ContinualClassifier, L.Trainer, StreamReport, str | None, FolderState]:
-    """Check everything a run needs, cheapest first, and build its parts; raises ``LifelongError``."""
+def _prepare(cfg: DictConfig, output_dir: Path, choices: dict[str, Any]) -> StreamRun:
+    """Check everything a run needs, cheapest first, and build its parts (the library's one path,
+    :class:`lifelong.run.StreamRun`); raises ``LifelongError``."""
     resolved = check(cfg)
-    state = plan_folder(output_dir, resume=cfg.resume, overwrite=cfg.overwrite, ckpt_path=cfg.ckpt_path)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     datamodule, callbacks = build_parts(cfg)
     info: dict[str, Any] = {
@@ -164,27 +131,26 @@ def _prepare(
         "config": resolved,
     }
     logger = build_part("logger", cfg.logger) if cfg.get("logger") else False
-    try:  # Lightning checks the accelerator, devices and strategy here
-        trainer, report = stream_trainer(
+    try:  # the folder is planned first; then Lightning checks the accelerator, devices and strategy
+        stream_run = StreamRun(
             datamodule,
             output_dir,
+            resume=cfg.resume,
+            overwrite=cfg.overwrite,
+            ckpt_path=cfg.ckpt_path,
             trainer=build_part("trainer", cfg.trainer),
             callbacks=callbacks,
             logger=logger,
             info=info,
             progress_bar=cfg.trainer.get("enable_progress_bar"),
         )
+    except LifelongError:
+        raise
     except USER_ERRORS as err:
         raise ConfigError(_trainer_message(err, cfg)) from None
     load(datamodule)
-    module = build_module(cfg, datamodule, callbacks[0])
-    resumed = _checkpoint_to_resume(cfg, output_dir, state)
-    ckpt_path = None
-    if resumed is not None:
-        ckpt_path, ckpt = resumed
-        where = f"ckpt_path={ckpt_path}" if cfg.ckpt_path is not None else f"the run's checkpoint {ckpt_path}"
-        check_checkpoint(ckpt, ckpt_path, trainer, module, datamodule, info, RESUME_MAY_DIFFER, where)
-    return datamodule, module, trainer, report, ckpt_path, state
+    stream_run.attach(build_module(cfg, datamodule, callbacks[0]))
+    return stream_run
 
 
 def _peer_stopped(err: BaseException) -> bool:
@@ -212,41 +178,6 @@ def _trainer_message(err: BaseException, cfg: DictConfig) -> str:
     if str(cfg.trainer.get("accelerator")) in ("gpu", "cuda") and not torch.cuda.is_available():
         message += " (no CUDA GPU is visible to this process: run on the CPU with trainer=cpu, or trainer=ddp_cpu)"
     return message
-
-
-def _checkpoint_to_resume(cfg: DictConfig, output_dir: Path, state: FolderState) -> tuple[str, dict[str, Any]] | None:
-    """``ckpt_path`` if given, else with ``resume=true`` the run folder's newest intact checkpoint; with it read.
-
-    The newest is ``last.ckpt`` unless a write was refused or the run was killed before it was replaced; a
-    checkpoint that cannot be read (cut short by a full disk or a killed copy) is passed over, with a warning
-    naming it, for the next newest.
-    """
-    if cfg.ckpt_path is not None:
-        return str(cfg.ckpt_path), read_checkpoint(cfg.ckpt_path)
-    if not cfg.resume:
-        return None
-    if state == "empty":
-        log.info(f"resume=true: no checkpoint in {output_dir / 'checkpoints'} yet, starting the stream from the start")
-        return None
-    # newest first; at equal times last.ckpt, which is written after the task checkpoint of the same epoch
-    candidates = sorted(
-        (output_dir / "checkpoints").glob("*.ckpt"), key=lambda p: (p.stat().st_mtime_ns, p.name == "last.ckpt")
-    )[::-1]
-    passed_over: list[str] = []
-    for path in candidates:
-        try:
-            ckpt = read_checkpoint(path)
-        except UnreadableCheckpoint as err:
-            log.warning(f"resume=true: passing over {path}: {err.reason}")
-            passed_over.append(path.name)
-            continue
-        instead = f" (instead of {', '.join(passed_over)}, which cannot be read)" if passed_over else ""
-        log.info(f"resume=true: resuming the stream from {path}{instead}")
-        return str(path), ckpt
-    raise ResumeError(
-        f"resume=true: none of the checkpoints in {output_dir / 'checkpoints'} can be read ({', '.join(passed_over)}): "
-        "start the run again in a new folder (hydra.run.dir=NEW), or with overwrite=true"
-    )
 
 
 def _warn_selecting_on_test(sweep_dir: Path) -> None:

@@ -20,7 +20,7 @@ from typing_extensions import override
 from lifelong.data.streams import stream_of
 from lifelong.files import atomic_open, save_atomic, write_atomic
 from lifelong.loggers import log_config, log_results
-from lifelong.metrics.continual import summarize
+from lifelong.metrics.continual import SUMMARY_KEYS, summarize
 from lifelong.metrics.plots import accuracy_curves, accuracy_heatmap
 
 log = logging.getLogger(__name__)
@@ -150,9 +150,6 @@ class StreamReport(L.Callback):
         for fig in figures.values():
             fig.clf()
         _print_summary(self.metrics, out)
-
-
-SUMMARY_KEYS = ("avg_accuracy", "bwt", "forgetting", "fwt", "learning_accuracy")
 
 
 def _results(rows: torch.Tensor, initial: torch.Tensor) -> dict[str, Any]:

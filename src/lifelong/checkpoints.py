@@ -16,9 +16,9 @@ from typing import Any
 import lightning as L
 import torch
 
-from lifelong.config import flatten, show
 from lifelong.data.streams import TaskStream
 from lifelong.errors import ResumeError
+from lifelong.keys import NOT_LEARNT, flatten, show, under
 
 LIGHTNING_KEYS = ("state_dict", "epoch", "loops", "callbacks")
 MAX_LISTED = 4  # differences named in one message
@@ -70,7 +70,7 @@ def check_checkpoint(
     module: L.LightningModule,
     stream: TaskStream,
     info: Mapping[str, Any] | None = None,
-    may_differ: Iterable[str] = (),
+    may_differ: Iterable[str] = NOT_LEARNT,
     where: str | None = None,
 ) -> None:
     """Raise :class:`ResumeError` unless ``ckpt`` was written by the run that ``trainer`` is about to fit.
@@ -104,7 +104,7 @@ def _check_config(where: str, saved: Mapping[str, Any], info: Mapping[str, Any],
     diffs = [f"{g}={saved.get(g)} there, {g}={info.get(g)} here" for g in groups]
     settings = [f"{g}={str(saved.get(g)).split('+')[0]}" for g in groups]  # "ewc+reservoir": method=ewc replay=...
     for k in sorted(there.keys() & here.keys()):
-        if there[k] == here[k] or any(_under(k, p) for p in (*may_differ, *groups)):
+        if there[k] == here[k] or any(under(k, p) for p in (*may_differ, *groups)):
             continue
         diffs.append(f"{k}={show(there[k], quote=False)} there, {show(here[k], quote=False)} here")
         settings.append(f"{k}={show(there[k], quote=False)}")
@@ -120,10 +120,6 @@ def _check_config(where: str, saved: Mapping[str, Any], info: Mapping[str, Any],
 def _listed(diffs: list[str]) -> str:
     more = len(diffs) - MAX_LISTED
     return "; ".join(diffs[:MAX_LISTED]) + (f"; and {more} more" if more > 0 else "")
-
-
-def _under(key: str, prefix: str) -> bool:
-    return key == prefix or key.startswith(prefix + ".")
 
 
 def _check_callbacks(where: str, saved: Mapping[str, Any], trainer: L.Trainer) -> None:

@@ -8,9 +8,7 @@ Hydra's record of the config is written only once they pass (:func:`save_config`
 
 from __future__ import annotations
 
-import json
 import logging
-import shutil
 import sys
 import typing
 from collections.abc import Iterator, Mapping
@@ -27,7 +25,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from lifelong.config import check_targets, conforms, describe, name_the_key
 from lifelong.data import TaskStream
-from lifelong.errors import ConfigError, LifelongError, RunFolderError
+from lifelong.errors import ConfigError, LifelongError
 from lifelong.methods import ContinualMethod, ExperienceReplay
 from lifelong.methods.base import stream_needs
 from lifelong.models import ContinualClassifier
@@ -180,93 +178,6 @@ def load(datamodule: TaskStream) -> None:
         datamodule.setup("fit")  # loads the data now: a missing file fails before anything else starts
     except ValueError as err:  # a value only the data can check (classes per task, a split too small)
         raise ConfigError(str(err)) from None
-
-
-# ---- the run folder ----------------------------------------------------------------------------------------------
-# What a run writes into its folder, and what overwrite=true removes (conf/logger's folders included; an
-# MLflow store is shared by runs and lies outside it)
-RESULT_FILES = ("metrics.json", "accuracy_matrix.csv", "accuracy_matrix.png", "accuracy_curves.png")
-RESULT_DIRS = ("checkpoints", "tensorboard", "csv", "wandb")
-
-FolderState = Literal["empty", "unfinished", "finished"]
-
-
-def folder_state(folder: Path) -> FolderState:
-    """``finished`` when a run's results are there (metrics.json is written last), ``unfinished`` when only its
-    checkpoints are, else ``empty``."""
-    if (folder / "metrics.json").is_file():
-        return "finished"
-    if any((folder / "checkpoints").glob("*.ckpt")):
-        return "unfinished"
-    return "empty"
-
-
-def finished_run(folder: Path) -> dict[str, Any]:
-    """A finished run's ``metrics.json`` ({} if it cannot be read)."""
-    try:
-        metrics = json.loads((folder / "metrics.json").read_text())
-    except (OSError, ValueError):
-        return {}
-    return metrics if isinstance(metrics, dict) else {}
-
-
-def _summary(folder: Path) -> str:
-    m = finished_run(folder)
-    what = " on ".join(str(m[k]) for k in ("method", "dataset") if m.get(k))
-    if m.get("seed") is not None:
-        what += f", seed {m['seed']}"
-    if isinstance(m.get("avg_accuracy"), (int, float)):
-        what += f": average accuracy {100 * m['avg_accuracy']:.2f} %"
-    return f" ({what.strip(', ')})" if what else ""
-
-
-class RunComplete(RunFolderError):
-    """``resume=true`` on a run that already finished."""
-
-
-def plan_folder(folder: Path, *, resume: bool, overwrite: bool, ckpt_path: str | None) -> FolderState:
-    """Decide what a run may do in ``folder``, before it writes anything; returns the folder's state.
-
-    - empty: go.
-    - unfinished (checkpoints, no results): ``resume=true`` continues it; otherwise refused, since a new run
-      would write over its checkpoints, unless ``overwrite=true``.
-    - finished: ``resume=true`` raises :class:`RunFolderError` saying it is complete (nothing is touched);
-      otherwise refused unless ``overwrite=true``.
-
-    With ``overwrite=true`` the caller clears the previous results (:func:`clear_results`) once every check passed.
-    """
-    state = folder_state(folder)
-    if state == "finished" and resume:
-        raise RunComplete(
-            f"{folder} holds a finished run{_summary(folder)}: there is nothing to resume, and its files are left "
-            "as they were. To train it again, choose a new folder (hydra.run.dir=NEW), or add overwrite=true "
-            "instead of resume=true to replace its results"
-        )
-    if state == "empty" or (state == "unfinished" and resume):
-        return state
-    if not overwrite:
-        finished = state == "finished"
-        held = f"the results of a finished run{_summary(folder)}" if finished else "an unfinished run's checkpoints"
-        proceed = "" if finished else "add resume=true to continue it, "
-        raise RunFolderError(
-            f"{folder} already holds {held}, which this run would overwrite: {proceed}choose a new folder "
-            "(hydra.run.dir=NEW), or add overwrite=true to replace them"
-        )
-    if ckpt_path is not None and Path(ckpt_path).resolve().is_relative_to((folder / "checkpoints").resolve()):
-        raise RunFolderError(
-            f"ckpt_path={ckpt_path} lies in the folder that overwrite=true would clear: copy it elsewhere first, "
-            "or write the new run to another folder (hydra.run.dir=NEW)"
-        )
-    return state
-
-
-def clear_results(folder: Path) -> None:
-    """Remove the results a run writes (``overwrite=true``), and nothing else of the folder."""
-    for name in RESULT_FILES:
-        (folder / name).unlink(missing_ok=True)
-    for name in RESULT_DIRS:
-        if (folder / name).is_dir():
-            shutil.rmtree(folder / name)
 
 
 # ---- logs and Hydra's record ---------------------------------------------------------------------------------

@@ -28,6 +28,7 @@ from typing import Any
 from hydra.utils import get_object
 
 from lifelong.errors import ConfigError
+from lifelong.keys import show
 
 HYDRA_KEYS = ("_target_", "_partial_", "_recursive_", "_convert_", "_args_")
 
@@ -225,27 +226,6 @@ def _kind(value: Any) -> str:
         return "null"
     names = {bool: "true/false", int: "an integer", float: "a number", str: "a string", list: "a list"}
     return names.get(type(value), "a mapping" if isinstance(value, Mapping) else type(value).__name__)
-
-
-def show(value: Any, quote: bool = True) -> str:
-    """A value as a command-line override writes it: ``null``, ``true``, ``[400,400]``; strings quoted
-    (``'abc'``, to tell them from numbers) unless ``quote=False``; long ones cut."""
-    if isinstance(value, list):
-        text = "[" + ",".join(show(v, quote) for v in value) + "]"
-    elif value is None or isinstance(value, bool):
-        text = {None: "null", True: "true", False: "false"}[value]
-    else:
-        text = repr(value) if quote and isinstance(value, str) else str(value)
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
-def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """A nested config as ``{"method.ewc_lambda": 100, ...}`` (an empty mapping has no keys)."""
-    out: dict[str, Any] = {}
-    for k, v in tree.items():
-        key = f"{prefix}.{k}" if prefix else str(k)
-        out.update(flatten(v, key) if isinstance(v, Mapping) else {key: v})
-    return out
 
 
 def name_the_key(message: str, path: str, node: Mapping[str, Any]) -> str:

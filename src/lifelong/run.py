@@ -1,4 +1,4 @@
-"""Running a whole task stream as one Lightning ``fit``."""
+"""Running a whole task stream as one Lightning ``fit``: the trainer it needs, and the one path every run takes."""
 
 from __future__ import annotations
 
@@ -12,12 +12,16 @@ import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import Logger
+from lightning.pytorch.utilities import rank_zero_only
 from torchmetrics.classification import MulticlassAccuracy
 
 from lifelong.callbacks import StreamReport, TaskProgressBar
-from lifelong.checkpoints import check_checkpoint, read_checkpoint
+from lifelong.checkpoints import check_checkpoint
 from lifelong.data.streams import TaskStream
+from lifelong.errors import RunFolderError
 from lifelong.files import AtomicCheckpointIO
+from lifelong.folders import begin, checkpoint_to_resume, plan_folder
+from lifelong.keys import NOT_LEARNT
 from lifelong.models.module import ContinualClassifier
 
 TrainerFactory = Callable[..., L.Trainer]
@@ -112,26 +116,99 @@ def stream_trainer(
     return trainer_obj, report
 
 
+class StreamRun:
+    """One run of a stream in its folder, planned, checked and fitted the same way from ``train.py`` and from
+    :func:`train_stream`: the folder is planned before anything is built (:func:`lifelong.folders.plan_folder`),
+    the trainer is built (its settings checked by Lightning), the stream's data is loaded, the checkpoint to
+    resume from (``ckpt_path``, or with ``resume`` the folder's newest intact one) is checked against this run,
+    and only then is anything written.
+
+    Args:
+        datamodule: the stream.
+        output_dir: the run's folder.
+        resume: continue the run the folder holds from its newest intact checkpoint.
+        overwrite: replace the results of a run the folder holds.
+        ckpt_path: the checkpoint to resume from (for example another run's).
+        may_differ: config keys a resumed run may change from the run that wrote its checkpoint.
+        **kwargs: for :func:`stream_trainer` (``trainer``, ``callbacks``, ``logger``, ``info``, ``progress_bar``).
+    """
+
+    def __init__(
+        self,
+        datamodule: TaskStream,
+        output_dir: str | Path,
+        *,
+        resume: bool = False,
+        overwrite: bool = False,
+        ckpt_path: str | None = None,
+        may_differ: Sequence[str] = NOT_LEARNT,
+        **kwargs: Any,
+    ) -> None:
+        if resume and overwrite:
+            raise RunFolderError("resume and overwrite contradict each other: keep a run's results, or replace them")
+        self.folder = Path(output_dir)
+        self.state = plan_folder(self.folder, resume=resume, overwrite=overwrite, ckpt_path=ckpt_path)
+        self.datamodule = datamodule
+        self.trainer, self.report = stream_trainer(datamodule, self.folder, **kwargs)
+        self.resume, self.overwrite, self.may_differ = resume, overwrite, tuple(may_differ)
+        self._given = ckpt_path
+        self.ckpt_path: str | None = None  # the checkpoint the fit resumes from, once attach() found it
+        self.module: ContinualClassifier | None = None
+        self._begun = False
+
+    def load(self) -> None:
+        """Load the stream's data (a missing file fails here, before anything is written)."""
+        self.datamodule.prepare_data()
+        self.datamodule.setup("fit")
+
+    def attach(self, module: ContinualClassifier) -> None:
+        """The module to train; with a checkpoint to resume from, checked against it (its stream, methods, network)."""
+        resumed = checkpoint_to_resume(self.folder, self.state, resume=self.resume, ckpt_path=self._given)
+        if resumed is not None:
+            path, ckpt = resumed
+            where = f"ckpt_path={path}" if self._given is not None else f"the run's checkpoint {path}"
+            check_checkpoint(
+                ckpt, path, self.trainer, module, self.datamodule, self.report.info, self.may_differ, where
+            )
+            self.ckpt_path = path
+        self.module = module
+
+    def begin(self) -> None:
+        """Once every check passed: clear what ``overwrite`` replaces and a killed write's leftovers (rank 0)."""
+        if rank_zero_only.rank == 0 and not self._begun:  # type: ignore[attr-defined]
+            begin(self.folder, self.state, overwrite=self.overwrite)
+        self._begun = True
+
+    def fit(self) -> dict[str, Any]:
+        """Train the whole stream (after :meth:`begin`); returns the results (also written to the folder)."""
+        assert self.module is not None, "attach() the module first"
+        self.begin()
+        self.trainer.fit(self.module, datamodule=self.datamodule, ckpt_path=self.ckpt_path)
+        return self.report.metrics
+
+
 def train_stream(
     datamodule: TaskStream,
     module: ContinualClassifier,
     output_dir: str | Path,
     *,
     ckpt_path: str | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
     **kwargs: Any,
 ) -> dict[str, Any]:
     """Train ``module`` through the whole stream and return the results (also written to ``output_dir``).
 
-    With ``ckpt_path``, the checkpoint is read and checked against this run first (its stream, methods and
-    network; :func:`lifelong.checkpoints.check_checkpoint`). Keyword arguments go to :func:`stream_trainer`.
+    The run goes through :class:`StreamRun`, as ``train.py``'s do: a folder that holds a finished run is
+    refused unless ``overwrite``; ``resume`` continues the folder's unfinished run from its newest intact
+    checkpoint; ``ckpt_path`` resumes from a given checkpoint. Any checkpoint is checked against this run first
+    (its stream, methods and network; :func:`lifelong.checkpoints.check_checkpoint`). Keyword arguments go to
+    :func:`stream_trainer`.
     """
-    trainer, report = stream_trainer(datamodule, output_dir, **kwargs)
-    if ckpt_path is not None:
-        datamodule.prepare_data()
-        datamodule.setup("fit")
-        check_checkpoint(read_checkpoint(ckpt_path), ckpt_path, trainer, module, datamodule, kwargs.get("info"))
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
-    return report.metrics
+    run = StreamRun(datamodule, output_dir, resume=resume, overwrite=overwrite, ckpt_path=ckpt_path, **kwargs)
+    run.load()
+    run.attach(module)
+    return run.fit()
 
 
 @torch.no_grad()

@@ -24,6 +24,8 @@ from collections.abc import Sequence
 import torch
 
 Matrix = Sequence[Sequence[float]] | torch.Tensor
+# the summary of a run, in metrics.json, the loggers (test/<key>, val/<key>) and a sweep's table
+SUMMARY_KEYS = ("avg_accuracy", "bwt", "forgetting", "fwt", "learning_accuracy")
 
 
 def _as_matrix(accuracy: Matrix) -> torch.Tensor:

@@ -27,30 +27,18 @@ from typing import Any
 
 from matplotlib.figure import Figure
 
-from lifelong.config import flatten
 from lifelong.errors import WriteError
 from lifelong.files import atomic_open, save_atomic
+from lifelong.keys import NOT_HYPERPARAMETERS, flatten, under
+from lifelong.metrics.continual import SUMMARY_KEYS
 
-METRICS = ("avg_accuracy", "bwt", "forgetting", "fwt", "learning_accuracy")
+METRICS = SUMMARY_KEYS
 LABELS = {"avg_accuracy": "ACC", "bwt": "BWT", "forgetting": "forgetting", "fwt": "FWT", "learning_accuracy": "LA"}
 LABELS["task_aware_avg_accuracy"] = "Task-IL ACC"
 SELECT_ON = "val_avg_accuracy"
 # the class scenario's Task-IL view of the same runs (each sample ranked among its own task's classes): a column
 # of the table where some run has it
 TASK_AWARE = "task_aware_avg_accuracy"
-# config keys that are not hyperparameters: the seed (and what interpolates it), where data and outputs live,
-# how runs are logged and on what hardware they run; a key under a prefix here is never a hyperparameter
-NOT_HYPERPARAMETERS = (
-    "seed",
-    "dataset.seed",
-    "dataset.root",
-    "dataset.download",
-    "dataset.eval_batch_size",
-    "ckpt_path",
-    "resume",
-    "trainer.",
-    "logger.",
-)
 
 
 @dataclass
@@ -90,7 +78,7 @@ def _method_order(method: str) -> tuple[int, str]:
 
 
 def _is_hyperparameter(key: str) -> bool:
-    return not any(key == k or (k.endswith(".") and key.startswith(k)) for k in NOT_HYPERPARAMETERS)
+    return not any(under(key, k) for k in NOT_HYPERPARAMETERS)
 
 
 def collect(root: Path) -> tuple[list[Group], list[str]]:
