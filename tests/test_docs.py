@@ -45,6 +45,22 @@ def test_every_page_and_the_api_reference_are_built(site):
     assert "fisher_sums" in api and "QuadraticRegularizer" in api  # rendered from the docstrings
 
 
+RAW_ROLES = re.compile(r":(math|class|func|meth|mod|attr|data|exc|obj):`|\.\. math::")
+
+
+def test_the_api_pages_render_what_the_docstrings_say(site):
+    """No Sphinx role or directive is left raw in the site; math is arithmatex's, rendered by the KaTeX copy the
+    site serves itself (offline); cross-references are links."""
+    pages = {p.relative_to(site).as_posix(): p.read_text() for p in site.rglob("*.html")}
+    raw = {name: RAW_ROLES.findall(text)[:3] for name, text in pages.items() if RAW_ROLES.search(text)}
+    assert raw == {}
+    methods = pages["api/methods/index.html"]
+    assert methods.count('class="arithmatex"') > 50  # every method's loss convention among them
+    assert r"\frac{\lambda}{2}" in methods  # EWC's penalty, as a display formula
+    assert 'href="#lifelong.methods.quadratic.QuadraticRegularizer"' in methods  # a cross-reference, resolved
+    assert "assets/katex/katex.min.js" in methods and (site / "assets" / "katex" / "katex.min.js").is_file()
+
+
 def test_the_configuration_reference_includes_every_config_file():
     reference = (REPO / "docs" / "configuration.md").read_text()
     included = set(re.findall(r'--8<-- "(conf/[^"]+)"', reference))
@@ -117,3 +133,15 @@ def test_the_new_method_of_extending_is_short_and_forgets_less_than_finetuning(m
         metrics = train_stream(stream, module, tmp_path / name, callbacks=[method], logger=False, progress_bar=False)
         first_task[name] = metrics["accuracy_matrix"][1][0]
     assert first_task["anchor"] > first_task["finetune"] + 0.05, first_task
+
+
+def test_the_configuration_table_lists_every_method_and_preset():
+    rows = {
+        line.split("|")[1].strip(): line
+        for line in (REPO / "docs" / "configuration.md").read_text().splitlines()
+        if line.startswith("| `")
+    }
+    for group, row in (("method", rows["`method=`"]), ("experiment", rows["`experiment=`"])):
+        for stem in sorted(p.stem for p in (REPO / "conf" / group).glob("*.yaml")):
+            short = "`_" + stem.rsplit("_", 1)[1] + "`" if stem.startswith("hsu2018_split_mnist_") else None
+            assert f"`{stem}`" in row or (short and short in row), f"docs/configuration.md: {group}={stem} missing"

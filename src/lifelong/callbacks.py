@@ -60,7 +60,7 @@ class StreamReport(L.Callback):
     along the stream). Each file is written atomically, and ``metrics.json`` last: its presence means the run
     finished and every other result is complete. In the trainer's loggers: the run's config at the start and,
     at the end, the summary metrics as ``test/<metric>`` and, with a validation split, ``val/<metric>``, with
-    the figures (:mod:`lifelong.loggers`).
+    the figures ([`lifelong.loggers`][lifelong.loggers]).
 
     ``wall_time_s`` is the training time of the whole stream: a resumed run adds its time to the time recorded
     in the checkpoint it resumed from. The time between the two runs is not counted; an interrupted epoch,

@@ -3,7 +3,7 @@
 Lightning resumes whatever it is given: a checkpoint of another method loads with a warning about callbacks
 it cannot place (and the run then writes another method's name over the first one's results), one of another
 network fails deep inside ``load_state_dict``, and a damaged file fails inside ``torch.load``.
-:func:`check_checkpoint` compares the checkpoint with the run - its recorded configuration, its stream, the
+`check_checkpoint` compares the checkpoint with the run - its recorded configuration, its stream, the
 methods that hold state, the network's parameters - and names the first difference and how to proceed.
 """
 
@@ -28,7 +28,7 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     """The checkpoint at ``path``, loaded on the CPU as ``Trainer.fit`` loads it (tensors and plain values only).
 
     Raises:
-        ResumeError: the path is not a file; :class:`UnreadableCheckpoint`: the file cannot be read, or it is not
+        ResumeError: the path is not a file; `UnreadableCheckpoint`: the file cannot be read, or it is not
             a Lightning checkpoint.
     """
     p = Path(path)
@@ -73,7 +73,7 @@ def check_checkpoint(
     may_differ: Iterable[str] = NOT_LEARNT,
     where: str | None = None,
 ) -> None:
-    """Raise :class:`ResumeError` unless ``ckpt`` was written by the run that ``trainer`` is about to fit.
+    """Raise `ResumeError` unless ``ckpt`` was written by the run that ``trainer`` is about to fit.
 
     In order, the first that differs is reported: the configuration recorded in the checkpoint
     (``ckpt["lifelong"]["info"]["config"]``, against ``info["config"]``; keys under ``may_differ``, such as the

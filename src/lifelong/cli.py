@@ -2,8 +2,8 @@
 its parts, the run folder.
 
 Bad input fails before anything trains, with one line on stderr and exit status 2, and changes no file that
-was there before: the checks run while the run folder's log is held back (:func:`held_file_logs`), and
-Hydra's record of the config is written only once they pass (:func:`save_config`).
+was there before: the checks run while the run folder's log is held back (`held_file_logs`), and
+Hydra's record of the config is written only once they pass (`save_config`).
 """
 
 from __future__ import annotations
@@ -53,7 +53,8 @@ USER_ERRORS: tuple[type[BaseException], ...] = (LifelongError, ValueError, TypeE
 
 def build_part(path: str, node: DictConfig, **kwargs: Any) -> Any:
     """``instantiate(node, **kwargs)``, the config node at ``path`` (``"method"``); a constructor's error on a
-    value becomes a :class:`ConfigError` naming the key (see :func:`lifelong.config.name_the_key`)."""
+    value becomes a `ConfigError` naming the key (see
+    [`lifelong.config.name_the_key`][lifelong.config.name_the_key])."""
     try:
         return instantiate(node, **kwargs)
     except Exception as err:

@@ -1,10 +1,10 @@
 """Checking a composed configuration against what its parts accept, before anything is built or trained.
 
-A Hydra config is a tree whose ``_target_`` nodes become objects. :func:`check_targets` walks every such node
+A Hydra config is a tree whose ``_target_`` nodes become objects. `check_targets` walks every such node
 and checks each value against the annotation of the target's parameter of that name: unknown keys, wrong types
 (``dataset.num_tasks=abc``) and values outside a ``Literal`` are reported with the key's full name, for our
 own classes and for torch's and Lightning's alike. Ranges and relations between values stay with the
-constructors that own them (``method.ewc_lambda must be >= 0``); :func:`name_the_key` gives their messages,
+constructors that own them (``method.ewc_lambda must be >= 0``); `name_the_key` gives their messages,
 and those of third-party constructors (torch's ``Invalid learning rate: -0.1``), the key they are about.
 
 The type rules are written for configuration values, which are YAML's: a list stands for a tuple or any

@@ -1,11 +1,11 @@
 """Writing a run's files so that a reader, a crash or a full disk never leaves half of one.
 
-Every file lifelong writes goes through :func:`atomic_open` (results) or :class:`AtomicCheckpointIO`
+Every file lifelong writes goes through `atomic_open` (results) or `AtomicCheckpointIO`
 (checkpoints): the bytes go to a temporary file beside the target, which replaces the target only once it is
 complete and on disk. A write the operating system refuses (no space left, an I/O error, a folder that became
-read-only) raises :class:`~lifelong.errors.WriteError` naming the file, and leaves the previous version of
+read-only) raises [`WriteError`][lifelong.errors.WriteError] naming the file, and leaves the previous version of
 the file, and every other file, as it was: the run can be resumed from its last checkpoint once the cause is
-fixed. :func:`write_error` names the file of any other ``OSError`` (a logger's own writes).
+fixed. `write_error` names the file of any other ``OSError`` (a logger's own writes).
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ def atomic_open(path: str | Path, mode: str = "w", **kwargs: Any) -> Iterator[IO
 
 
 def remove_stale_temporaries(folder: str | Path) -> list[Path]:
-    """Remove the temporary files :func:`atomic_open` left in ``folder`` (not below it) when its process was
+    """Remove the temporary files `atomic_open` left in ``folder`` (not below it) when its process was
     killed mid-write (``.NAME.XXXXXXXX.tmp``, never taken for a result or checkpoint); returns them."""
     stale = [p for p in Path(folder).glob(".*.tmp") if p.is_file()]
     for p in stale:
@@ -65,7 +65,7 @@ def remove_stale_temporaries(folder: str | Path) -> list[Path]:
 
 
 def write_atomic(path: str | Path, text: str) -> None:
-    """``Path(path).write_text(text)``, atomically (see :func:`atomic_open`)."""
+    """``Path(path).write_text(text)``, atomically (see `atomic_open`)."""
     with atomic_open(path) as f:
         f.write(text)
 
@@ -87,7 +87,7 @@ def refused_write(err: BaseException) -> bool:
 
 
 def write_error(err: BaseException, path: str | Path | None = None) -> WriteError:
-    """``err`` (a :func:`refused_write`) as a :class:`WriteError` naming ``path`` (default: the file it names)."""
+    """``err`` (a `refused_write`) as a `WriteError` naming ``path`` (default: the file it names)."""
     if isinstance(err, WriteError):
         return err
     filename = getattr(err, "filename", None)
@@ -106,8 +106,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     two filesystems that move is a copy over the old file, so a disk that fills up during it leaves a cut
     ``last.ckpt`` where an intact one was (and a small ``/tmp`` refuses checkpoints the run folder has room for).
     Here the file is serialised in memory, as Lightning does, then written beside its target and renamed over
-    it (:func:`atomic_open`): a refused write leaves the previous checkpoint intact and raises
-    :class:`~lifelong.errors.WriteError` naming the file.
+    it (`atomic_open`): a refused write leaves the previous checkpoint intact and raises
+    [`WriteError`][lifelong.errors.WriteError] naming the file.
     """
 
     @override

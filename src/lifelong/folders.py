@@ -1,8 +1,8 @@
 """A run's folder: what it holds, what a new run may do in it, and which checkpoint a resumed run continues from.
 
-The same planning for ``train.py`` and the library's :func:`lifelong.train_stream` (through
-:class:`lifelong.run.StreamRun`): a folder holding a finished run is not overwritten unless asked, an unfinished
-one is resumed or refused, and nothing is touched before every check passed.
+The same planning for ``train.py`` and the library's [`lifelong.train_stream`][lifelong.run.train_stream] (through
+[`lifelong.run.StreamRun`][lifelong.run.StreamRun]): a folder holding a finished run is not overwritten unless asked, an
+unfinished one is resumed or refused, and nothing is touched before every check passed.
 """
 
 from __future__ import annotations
@@ -66,10 +66,10 @@ def plan_folder(folder: Path, *, resume: bool, overwrite: bool, ckpt_path: str |
     - empty: go.
     - unfinished (checkpoints, no results): ``resume=true`` continues it; otherwise refused, since a new run
       would write over its checkpoints, unless ``overwrite=true``.
-    - finished: ``resume=true`` raises :class:`RunFolderError` saying it is complete (nothing is touched);
+    - finished: ``resume=true`` raises `RunFolderError` saying it is complete (nothing is touched);
       otherwise refused unless ``overwrite=true``.
 
-    With ``overwrite=true`` the caller clears the previous results (:func:`clear_results`) once every check passed.
+    With ``overwrite=true`` the caller clears the previous results (`clear_results`) once every check passed.
     """
     state = folder_state(folder)
     if state == "finished" and resume:

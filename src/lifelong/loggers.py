@@ -2,18 +2,18 @@
 told otherwise.
 
 Each is Lightning's logger, whose writes the operating system may refuse (a full disk): such a failure raises
-:class:`~lifelong.errors.WriteError` naming where the logger writes (:func:`names_its_files`), instead of an
+[`WriteError`][lifelong.errors.WriteError] naming where the logger writes (`names_its_files`), instead of an
 ``OSError`` without a file name from deep inside the library, or from TensorBoard's writer thread at the end.
 
-- ``logger=wandb`` (:class:`WandbStreamLogger`): a W&B run in the run folder (``RUN/wandb/``), **offline** unless
+- ``logger=wandb`` (`WandbStreamLogger`): a W&B run in the run folder (``RUN/wandb/``), **offline** unless
   you are logged in (``wandb login``, or ``WANDB_API_KEY``) or ``WANDB_MODE`` says otherwise. Upload an offline run
   later with ``wandb sync RUN/wandb/offline-run-*``.
-- ``logger=mlflow`` (:class:`MLflowStreamLogger`): an MLflow run in a local tracking store, the folder ``mlruns/``
+- ``logger=mlflow`` (`MLflowStreamLogger`): an MLflow run in a local tracking store, the folder ``mlruns/``
   of the working directory (a SQLite database beside the runs' artifacts), unless ``MLFLOW_TRACKING_URI`` names
   another store or a server. Browse it with ``mlflow ui --backend-store-uri sqlite:///mlruns/mlflow.db`` (the
   server comes with the full ``mlflow`` package; lifelong needs only ``mlflow-skinny``).
 
-Every logger receives the same record (:func:`log_config` at the start, :func:`log_results` at the end): the
+Every logger receives the same record (`log_config` at the start, `log_results` at the end): the
 per-step training metrics and, after each task, ``test/acc/task_<j>`` (a row of the accuracy matrix) and
 ``val/acc/task_<j>``; the run's resolved config as hyperparameters; the summary metrics (``test/avg_accuracy``,
 ...) and the two figures; for MLflow also the result files as artifacts. The run folder's files stay the
@@ -78,7 +78,7 @@ def names_its_files(where: Callable[[Any], str]) -> Callable[[LoggerT], LoggerT]
 
 
 def _refused_in_chain(err: BaseException | None) -> BaseException | None:
-    """The refused write (:func:`~lifelong.files.refused_write`) that ``err`` is, or that caused it."""
+    """The refused write ([`refused_write`][lifelong.files.refused_write]) that ``err`` is, or that caused it."""
     seen = 0
     while err is not None and seen < 8:
         if refused_write(err):
@@ -89,12 +89,12 @@ def _refused_in_chain(err: BaseException | None) -> BaseException | None:
 
 @names_its_files(lambda logger: f"the TensorBoard events in {logger.log_dir}")
 class TensorBoardStreamLogger(TensorBoardLogger):
-    """Lightning's :class:`~lightning.pytorch.loggers.TensorBoardLogger`; a refused write names its folder."""
+    """Lightning's `TensorBoardLogger`; a refused write names its folder."""
 
 
 @names_its_files(lambda logger: str(Path(logger.log_dir) / "metrics.csv"))
 class CSVStreamLogger(CSVLogger):
-    """Lightning's :class:`~lightning.pytorch.loggers.CSVLogger`; a refused write names its file."""
+    """Lightning's `CSVLogger`; a refused write names its file."""
 
 
 def _require(module: str, extra: str) -> None:
@@ -122,7 +122,7 @@ def wandb_offline() -> bool:
 
 @names_its_files(lambda logger: f"the W&B run in {Path(logger.save_dir or '.') / 'wandb'}")
 class WandbStreamLogger(WandbLogger):
-    """Lightning's :class:`~lightning.pytorch.loggers.WandbLogger`, offline unless you are logged in.
+    """Lightning's `WandbLogger`, offline unless you are logged in.
 
     The W&B run is finished when the stream ends, so that the next job of a sweep run in the same process (the
     joblib launcher reuses its workers) starts a run of its own instead of writing into this one.
@@ -131,7 +131,7 @@ class WandbStreamLogger(WandbLogger):
         save_dir: the folder W&B writes its ``wandb/`` folder to (the run folder).
         project: the W&B project.
         name: the W&B run's name.
-        offline: ``None`` (default): offline unless logged in (:func:`wandb_offline`).
+        offline: ``None`` (default): offline unless logged in (`wandb_offline`).
         **kwargs: other arguments of ``WandbLogger`` and ``wandb.init`` (``entity``, ``group``, ``tags``, ...).
     """
 
@@ -168,7 +168,7 @@ class WandbStreamLogger(WandbLogger):
 
 @names_its_files(lambda logger: f"the MLflow store {logger._tracking_uri}")
 class MLflowStreamLogger(MLFlowLogger):
-    """Lightning's :class:`~lightning.pytorch.loggers.MLFlowLogger` with a local store by default.
+    """Lightning's `MLFlowLogger` with a local store by default.
 
     MLflow 3 refuses its old folder-of-files store; the local default here is what MLflow itself uses, a SQLite
     database, kept in the folder ``store`` with the runs' artifacts beside it.

@@ -1,7 +1,7 @@
 """What a run prints: its own lines, not Lightning's advertising or warnings we know to be harmless.
 
 A run whose output goes to a file (a cluster job, ``make train > log``) should read as a log: a few lines at the
-start, one per task, the results. :func:`quiet_lightning` is called by the entry points (``train.py``,
+start, one per task, the results. `quiet_lightning` is called by the entry points (``train.py``,
 ``eval.py``), not on import, so that the library leaves a user's own logging and warnings alone.
 """
 

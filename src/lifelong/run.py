@@ -57,10 +57,10 @@ def stream_trainer(
     validation (the module evaluates every task where the stream's clock ends a task: one row of the accuracy
     matrix), and no distributed sampler (the stream's loaders shard themselves across ranks).
 
-    Checkpoints go to ``output_dir/checkpoints``: ``task_<k>.ckpt`` after each task (method state included)
-    and ``last.ckpt`` after every epoch; ``trainer.fit(..., ckpt_path=...)`` resumes the stream from one. Each is
-    written atomically in its folder (:class:`lifelong.files.AtomicCheckpointIO`): a write the system refuses
-    raises :class:`~lifelong.errors.WriteError` and leaves the previous checkpoint intact.
+    Checkpoints go to ``output_dir/checkpoints``: ``task_<k>.ckpt`` after each task (method state included) and
+    ``last.ckpt`` after every epoch; ``trainer.fit(..., ckpt_path=...)`` resumes the stream from one. Each is written
+    atomically in its folder ([`lifelong.files.AtomicCheckpointIO`][lifelong.files.AtomicCheckpointIO]): a write the
+    system refuses raises [`WriteError`][lifelong.errors.WriteError] and leaves the previous checkpoint intact.
 
     Args:
         datamodule: the stream.
@@ -118,10 +118,10 @@ def stream_trainer(
 
 class StreamRun:
     """One run of a stream in its folder, planned, checked and fitted the same way from ``train.py`` and from
-    :func:`train_stream`: the folder is planned before anything is built (:func:`lifelong.folders.plan_folder`),
-    the trainer is built (its settings checked by Lightning), the stream's data is loaded, the checkpoint to
-    resume from (``ckpt_path``, or with ``resume`` the folder's newest intact one) is checked against this run,
-    and only then is anything written.
+    `train_stream`: the folder is planned before anything is built
+    ([`lifelong.folders.plan_folder`][lifelong.folders.plan_folder]), the trainer is built (its settings checked by
+    Lightning), the stream's data is loaded, the checkpoint to resume from (``ckpt_path``, or with ``resume`` the
+    folder's newest intact one) is checked against this run, and only then is anything written.
 
     Args:
         datamodule: the stream.
@@ -130,7 +130,7 @@ class StreamRun:
         overwrite: replace the results of a run the folder holds.
         ckpt_path: the checkpoint to resume from (for example another run's).
         may_differ: config keys a resumed run may change from the run that wrote its checkpoint.
-        **kwargs: for :func:`stream_trainer` (``trainer``, ``callbacks``, ``logger``, ``info``, ``progress_bar``).
+        **kwargs: for `stream_trainer` (``trainer``, ``callbacks``, ``logger``, ``info``, ``progress_bar``).
     """
 
     def __init__(
@@ -180,7 +180,7 @@ class StreamRun:
         self._begun = True
 
     def fit(self) -> dict[str, Any]:
-        """Train the whole stream (after :meth:`begin`); returns the results (also written to the folder)."""
+        """Train the whole stream (after `begin`); returns the results (also written to the folder)."""
         assert self.module is not None, "attach() the module first"
         self.begin()
         self.trainer.fit(self.module, datamodule=self.datamodule, ckpt_path=self.ckpt_path)
@@ -199,11 +199,11 @@ def train_stream(
 ) -> dict[str, Any]:
     """Train ``module`` through the whole stream and return the results (also written to ``output_dir``).
 
-    The run goes through :class:`StreamRun`, as ``train.py``'s do: a folder that holds a finished run is
-    refused unless ``overwrite``; ``resume`` continues the folder's unfinished run from its newest intact
-    checkpoint; ``ckpt_path`` resumes from a given checkpoint. Any checkpoint is checked against this run first
-    (its stream, methods and network; :func:`lifelong.checkpoints.check_checkpoint`). Keyword arguments go to
-    :func:`stream_trainer`.
+    The run goes through `StreamRun`, as ``train.py``'s do: a folder that holds a finished run is refused unless
+    ``overwrite``; ``resume`` continues the folder's unfinished run from its newest intact checkpoint; ``ckpt_path``
+    resumes from a given checkpoint. Any checkpoint is checked against this run first (its stream, methods and network;
+    [`lifelong.checkpoints.check_checkpoint`][lifelong.checkpoints.check_checkpoint]). Keyword arguments go to
+    `stream_trainer`.
     """
     run = StreamRun(datamodule, output_dir, resume=resume, overwrite=overwrite, ckpt_path=ckpt_path, **kwargs)
     run.load()
@@ -222,7 +222,7 @@ def evaluate(module: ContinualClassifier, stream: TaskStream, after_task: int | 
             module's ``current_task``.
 
     Returns:
-        One accuracy per task, in [0, 1]: a row of the accuracy matrix (ranked by :meth:`ContinualClassifier.predict`).
+        One accuracy per task, in [0, 1]: a row of the accuracy matrix (ranked by `ContinualClassifier.predict`).
     """
     was_training = module.training
     module.eval()

@@ -1,7 +1,7 @@
 """The task streams: permuted, rotated, split (class-incremental splits of one dataset) and dataset sequences.
 
 Every stream draws its randomness (permutations, angles, class orders) from local generators seeded by the
-stream's ``seed``, records it in :meth:`describe` (``metrics.json``) and in its state dict (checkpoints),
+stream's ``seed``, records it in `describe` (``metrics.json``) and in its state dict (checkpoints),
 and refuses to resume a checkpoint of a different stream.
 """
 
@@ -75,7 +75,7 @@ class PermutedStream(_OneSourceStream):
     Args:
         source: ``"mnist"`` or ``"fashion_mnist"`` (any source works).
         first_task_unpermuted: make task 0 the original images (identity permutation).
-        **kwargs: see :class:`TaskStream`.
+        **kwargs: see `TaskStream`.
     """
 
     def __init__(self, source: str = "mnist", first_task_unpermuted: bool = False, **kwargs: Any) -> None:
@@ -120,7 +120,7 @@ class RotatedStream(_OneSourceStream):
         angles: one angle in degrees per task (counter-clockwise), or ``None`` to draw them uniformly from
             ``[0, max_angle)`` with a local generator seeded by ``seed``.
         max_angle: the range of drawn angles.
-        **kwargs: see :class:`TaskStream`.
+        **kwargs: see `TaskStream`.
     """
 
     def __init__(
@@ -174,7 +174,7 @@ class SplitStream(_OneSourceStream):
             ``seed``, or an explicit list of classes.
         augment: random crops (4-pixel padding) and horizontal flips of training batches, the usual
             CIFAR augmentation.
-        **kwargs: see :class:`TaskStream`.
+        **kwargs: see `TaskStream`.
     """
 
     default_scenario = "task"
@@ -267,7 +267,7 @@ class SequenceStream(TaskStream):
         shuffle: shuffle the order by ``seed``, as HAT's and DWA's mixture does; ``seed=0`` keeps the order
             given (the listed order is the published seed-0 one), any other seed draws a permutation.
         augment: random crops and flips of training batches (for natural images).
-        **kwargs: see :class:`TaskStream`.
+        **kwargs: see `TaskStream`.
     """
 
     default_scenario = "task"

@@ -3,16 +3,16 @@
 torchvision's classes read what they are given: an MNIST folder whose training labels are the test set's
 label file (10,000 labels for 60,000 images) loads without a word, and a stream trained on it reports a
 number as if it were a result. Every source is checked here when it is loaded, and a failed check raises
-:class:`~lifelong.errors.CorruptDataError` with one message that names the file and what to do:
+[`CorruptDataError`][lifelong.errors.CorruptDataError] with one message that names the file and what to do:
 
 - IDX files (MNIST, Fashion-MNIST), from their headers before torchvision reads them: the magic number, the
   number of dimensions (an images file is 3-D, a labels file 1-D), a file cut short or longer than its header
   says, and the image and label counts of a split;
-- every split, once read (:func:`check_split`): as many labels as images, labels inside the class range,
+- every split, once read (`check_split`): as many labels as images, labels inside the class range,
   every class with at least one image, images of 1 or 3 channels and of a usable size, the test split's
-  images of the training split's shape (:func:`check_same_shape`);
-- image folders, as listed: a class folder without images (:func:`check_class_folders`); an image that
-  cannot be decoded is named by the reader (:func:`lifelong.data.sources.load_image_folder`).
+  images of the training split's shape (`check_same_shape`);
+- image folders, as listed: a class folder without images (`check_class_folders`); an image that cannot be decoded is
+  named by the reader ([`lifelong.data.sources.load_image_folder`][lifelong.data.image_files.load_image_folder]).
 """
 
 from __future__ import annotations
@@ -117,7 +117,7 @@ def check_split(images: torch.Tensor, labels: torch.Tensor, num_classes: int, fi
 
     Raises:
         CorruptDataError: naming the file, for the first of: counts that differ, no samples, images that are
-            not 1- or 3-channel or smaller than :data:`MIN_SIDE`, labels outside the class range, a class
+            not 1- or 3-channel or smaller than `MIN_SIDE`, labels outside the class range, a class
             with no image.
     """
     what = f"{files.dataset}'s {files.split} split"

@@ -90,8 +90,8 @@ def _class_names(folder: Path) -> list[str]:
 
 def find_image_folder(path: str, dirs: Sequence[Path]) -> Path:
     """The folder of an ``image_folder:PATH`` source: ``PATH`` if absolute, else the first ``<dir>/PATH`` of
-    the data folders ``dirs`` (:func:`lifelong.data.sources.search_dirs`) that holds class folders (or ``train/``
-    and ``test/``).
+    the data folders ``dirs`` ([`lifelong.data.sources.search_dirs`][lifelong.data.sources.search_dirs]) that holds
+    class folders (or ``train/`` and ``test/``).
 
     Raises:
         DataNotFoundError: no such folder; the message lists the folders searched and the layout expected.

@@ -1,12 +1,13 @@
-"""What a stream tells the rest of lifelong as it runs: where each training step falls (:class:`Step`), and what
-the methods asked of its training data (:class:`StreamNeeds`).
+"""What a stream tells the rest of lifelong as it runs: where each training step falls (`Step`), and what
+the methods asked of its training data (`StreamNeeds`).
 
-A task boundary is an event the stream's clock raises at a step, not something each part re-derives from the
-epoch counter: :meth:`lifelong.data.TaskStream.step` says, for every training step, which task it trains and
-whether it starts or ends that task. The fixed-epochs stream ends a task at the last step of its last epoch;
-a stream whose tasks end elsewhere (inside an epoch: online, single-pass or blurry streams) overrides ``step``
-and its training loader, and everything downstream - the module's evaluation, every method's
-``on_task_start`` / ``on_task_end`` - follows it unchanged.
+A task boundary is an event the stream's clock raises at a step, not something each part re-derives from the epoch
+counter: [`lifelong.data.TaskStream.step`][lifelong.data.streams.TaskStream.step] says, for every training step, which
+task it trains and whether it starts or ends that task. The fixed-epochs stream ends a task at the last step of its last
+epoch; a stream whose tasks end elsewhere (inside an epoch: online, single-pass or blurry streams) overrides ``step``
+and its training loader, and everything downstream - the module's evaluation, every method's ``on_task_start`` /
+``on_task_end``
+- follows it unchanged.
 """
 
 from __future__ import annotations
@@ -43,10 +44,11 @@ class Step:
 @dataclass(frozen=True)
 class StreamNeeds:
     """What the run's methods declared they need from the stream, resolved once at setup
-    (:func:`lifelong.methods.base.stream_needs`).
+    ([`lifelong.methods.base.stream_needs`][lifelong.methods.base.stream_needs]).
 
     Attributes:
-        rows: training batches carry each sample's row (:attr:`lifelong.data.tensors.Batch.rows`).
+        rows: training batches carry each sample's row
+            (`lifelong.data.tensors.Batch.rows`).
         cumulative: task ``t`` trains on the union of tasks ``0..t`` (the joint baseline).
         training_data: the one method's choice of the samples each epoch trains on, or ``None``.
     """

@@ -11,16 +11,16 @@ Search order for a dataset (first hit wins):
 3. known system locations (Debian's ``/usr/share/datasets``, whose ``dataset-fashion-mnist`` package ships
    the four Fashion-MNIST IDX ``.gz`` files),
 
-each in the layout torchvision's class expects (see :data:`SOURCES`: ``<dir>/MNIST/raw/``,
+each in the layout torchvision's class expects (see `SOURCES`: ``<dir>/MNIST/raw/``,
 ``<dir>/USPS/usps.bz2``, ``<dir>/cifar-10-batches-py/``, ``<dir>/SVHN/train_32x32.mat``,
 ``<dir>/gtsrb/GTSRB/Training/``, ...),
 
 then, if ``download`` is true, torchvision's own download into ``root``.
 
 Any dataset on disk in torchvision's ``ImageFolder`` layout (one folder per class) is a source too, named
-``image_folder:PATH`` (see :mod:`lifelong.data.image_files`): notMNIST and FaceScrub come that way, and so
-does a user's own data. Datasets stored as one image file per sample (GTSRB, image folders) are read once at a
-fixed size (32 x 32 unless the stream asks for another).
+``image_folder:PATH`` (see [`lifelong.data.image_files`][lifelong.data.image_files]): notMNIST and FaceScrub come that
+way, and so does a user's own data. Datasets stored as one image file per sample (GTSRB, image folders) are read once at
+a fixed size (32 x 32 unless the stream asks for another).
 """
 
 from __future__ import annotations
@@ -80,7 +80,7 @@ class Source:
         num_classes: the number of classes.
 
     A class without a ``data`` array (GTSRB: one image file per sample, of any size) is read through its own
-    ``__getitem__`` at a fixed size (see :func:`load_image_dataset`).
+    ``__getitem__`` at a fixed size (see `load_image_dataset`).
     """
 
     cls: type[datasets.VisionDataset]
@@ -257,7 +257,8 @@ def _batch_counts(src: Source, root: Path, train: bool) -> str | None:
 
 
 def _load(src: Source, root: Path, size: tuple[int, int] | None = None) -> tuple[ImageSplit, ImageSplit]:
-    """Both splits of ``src`` from ``root``, each checked (:mod:`lifelong.data.checks`) before it is used."""
+    """Both splits of ``src`` from ``root``, each checked ([`lifelong.data.checks`][lifelong.data.checks]) before it is
+    used."""
     files = [_split_files(src, root, train) for train in (True, False)]
     if issubclass(src.cls, datasets.MNIST):  # their headers first: torchvision reads any IDX file it is given
         for f in files:
@@ -349,7 +350,7 @@ def find_image_dataset(name: str, root: str | os.PathLike[str] | None = "data", 
     """The folder from which torchvision's class for ``name`` loads: found, decompressed or downloaded.
 
     Args:
-        name: one of :data:`SOURCES` (``"mnist"``, ``"fashion_mnist"``, ``"usps"``, ``"cifar10"``,
+        name: one of `SOURCES` (``"mnist"``, ``"fashion_mnist"``, ``"usps"``, ``"cifar10"``,
             ``"cifar100"``, ``"svhn"``).
         root: the configured data folder; searched first, and where downloads and decompressed copies go.
         download: whether to let torchvision download the files when no local copy is found.
@@ -392,17 +393,17 @@ def load_image_dataset(
     download: bool = True,
     size: Sequence[int] | None = None,
 ) -> tuple[ImageSplit, ImageSplit]:
-    """Load the train and test split of ``name`` as uint8 tensors (see :func:`find_image_dataset`).
+    """Load the train and test split of ``name`` as uint8 tensors (see `find_image_dataset`).
 
     Args:
-        name: one of :data:`SOURCES`, or ``image_folder:PATH``.
-        root: see :func:`find_image_dataset`.
-        download: see :func:`find_image_dataset`.
+        name: one of `SOURCES`, or ``image_folder:PATH``.
+        root: see `find_image_dataset`.
+        download: see `find_image_dataset`.
         size: ``(H, W)`` at which datasets of one file per image (GTSRB, image folders) are read; default
             32 x 32. Datasets held in arrays keep their size.
 
     Raises:
-        DataNotFoundError: see :func:`find_image_dataset`.
+        DataNotFoundError: see `find_image_dataset`.
         CorruptDataError: files were found but cannot be read.
     """
     hw = (int(size[0]), int(size[1])) if size is not None else None

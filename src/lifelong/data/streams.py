@@ -1,11 +1,11 @@
 """Task streams: LightningDataModules that yield one task after another within a single ``fit``.
 
-The whole stream is one ``trainer.fit``. The stream owns its clock (:meth:`TaskStream.step`): for every
-training step it says which task is trained and whether a task starts or ends there, and the module raises
-the task events from it (:mod:`lifelong.data.schedule`). This base class's clock is ``epochs_per_task`` epochs
-per task: the trainer rebuilds the train loader every epoch for the epoch's task, so Lightning's own
-checkpointing restores epoch, optimizer and callback state together. :meth:`TaskStream.eval_loaders` gives one
-loader per task (seen and unseen): the evaluation at each task's end fills a row of the accuracy matrix.
+The whole stream is one ``trainer.fit``. The stream owns its clock (`TaskStream.step`): for every training step it says
+which task is trained and whether a task starts or ends there, and the module raises the task events from it
+([`lifelong.data.schedule`][lifelong.data.schedule]). This base class's clock is ``epochs_per_task`` epochs per task:
+the trainer rebuilds the train loader every epoch for the epoch's task, so Lightning's own checkpointing restores epoch,
+optimizer and callback state together. `TaskStream.eval_loaders` gives one loader per task (seen and unseen): the
+evaluation at each task's end fills a row of the accuracy matrix.
 
 Scenarios (van de Ven & Tolias, 2019; Hsu et al., 2018). Each task has its own *local* classes
 ``0..K_t-1`` (a split task's two digits, a permuted task's ten); the scenario decides which output of the
@@ -18,8 +18,9 @@ network a local class is trained on:
 * ``class``: one head over all classes, local class ``k`` of task ``t`` is output ``offset_t + k``; the
   outputs of the classes seen so far compete, with no task identity at test.
 
-The stream maps labels (:attr:`TaskStream.targets`); the heads live in the LightningModule
-(:class:`lifelong.models.ContinualClassifier`), which takes :attr:`TaskStream.task_classes`.
+The stream maps labels (`TaskStream.targets`); the heads live in the LightningModule
+([`lifelong.models.ContinualClassifier`][lifelong.models.module.ContinualClassifier]), which takes
+`TaskStream.task_classes`.
 """
 
 from __future__ import annotations
@@ -40,8 +41,8 @@ from lifelong.errors import ResumeError
 class TaskStream(L.LightningDataModule):
     """Base class of task streams.
 
-    Subclasses implement :meth:`_build` (load data, fill ``_train``/``_test`` with one :class:`TaskData` per
-    task and set ``transform``) and may extend :meth:`describe` and the state dict.
+    Subclasses implement `_build` (load data, fill ``_train``/``_test`` with one `TaskData` per
+    task and set ``transform``) and may extend `describe` and the state dict.
 
     Args:
         num_tasks: number of tasks in the stream.
@@ -50,7 +51,7 @@ class TaskStream(L.LightningDataModule):
         eval_batch_size: batch size for evaluation and for methods' importance estimates.
         seed: seeds everything random about the stream (its tasks and the shuffling), through local
             generators only.
-        root: data folder, searched first (see :mod:`lifelong.data.sources`).
+        root: data folder, searched first (see [`lifelong.data.sources`][lifelong.data.sources]).
         download: allow torchvision to download missing files into ``root``.
         cumulative: train task ``t`` on the union of tasks ``0..t`` (what the ``joint`` baseline declares it needs).
         max_train_samples: keep at most this many training samples per task (a seeded random subset), for
@@ -162,7 +163,7 @@ class TaskStream(L.LightningDataModule):
 
         Here a task is ``epochs_per_task`` whole epochs: it starts at the first batch of its first epoch and ends
         at the last batch of its last. A stream whose boundaries fall elsewhere overrides this (and
-        :meth:`train_dataloader`, to serve each step's task).
+        `train_dataloader`, to serve each step's task).
         """
         e, of = self.epoch_in_task(epoch)
         return Step(
@@ -173,7 +174,8 @@ class TaskStream(L.LightningDataModule):
         )
 
     def serve(self, needs: StreamNeeds) -> None:
-        """Serve what the run's methods declared they need (resolved by :func:`lifelong.methods.base.stream_needs`)."""
+        """Serve what the run's methods declared they need (resolved by
+        [`lifelong.methods.base.stream_needs`][lifelong.methods.base.stream_needs])."""
         self.needs = needs
 
     # ---- data --------------------------------------------------------------------------------------
@@ -189,7 +191,7 @@ class TaskStream(L.LightningDataModule):
         return torch.zeros(channels), torch.ones(channels)
 
     def _resolve_labels(self) -> None:
-        """The scenario's outputs: :attr:`targets`, :attr:`num_classes` and :attr:`task_classes`."""
+        """The scenario's outputs: `targets`, `num_classes` and `task_classes`."""
         assert self._local is not None
         local = self._local[: self.num_tasks]
         sizes = [int(row.max()) + 1 for row in local]
@@ -326,7 +328,7 @@ class TaskStream(L.LightningDataModule):
     def loader(self, data: TaskData, *, train: bool, epoch: int = 0, rows: bool = False) -> TensorBatchLoader:
         """A loader over ``data``: shuffled and padded across ranks for training, in order otherwise.
 
-        With ``rows``, batches carry each sample's row in the base tensors (:attr:`Batch.rows`).
+        With ``rows``, batches carry each sample's row in the base tensors (`Batch.rows`).
         """
         assert self.transform is not None, "call setup() first"
         rank, world = self._rank()
@@ -358,8 +360,9 @@ class TaskStream(L.LightningDataModule):
         """What each task end evaluates: every task's validation set (if any), then every task's test set.
 
         One pass at each task end fills a row of both accuracy matrices (see
-        :class:`lifelong.models.ContinualClassifier`). Not Lightning's ``val_dataloader``: the evaluation runs
-        where the stream's clock ends a task, which may be inside an epoch, not on Lightning's schedule.
+        [`lifelong.models.ContinualClassifier`][lifelong.models.module.ContinualClassifier]). Not Lightning's
+        ``val_dataloader``: the evaluation runs where the stream's clock ends a task, which may be inside an epoch, not
+        on Lightning's schedule.
         """
         return [self.loader(d, train=False) for d in (*self._val, *self._test)]
 
@@ -395,7 +398,7 @@ class TaskStream(L.LightningDataModule):
         self.check_state(state_dict)
 
     def check_state(self, state_dict: dict[str, Any]) -> None:
-        """Raise :class:`ResumeError` unless ``state_dict`` (a checkpoint's) was written for this stream."""
+        """Raise `ResumeError` unless ``state_dict`` (a checkpoint's) was written for this stream."""
         saved = state_dict.get("describe")
         # a field the checkpoint lacks was added to describe() later, with the earlier behaviour as default
         current = {k: v for k, v in self.describe().items() if saved is None or k in saved}
@@ -416,7 +419,7 @@ def _val_fingerprint(val: list[TaskData]) -> dict[str, Any]:
 
 
 def stream_of(trainer: L.Trainer) -> TaskStream:
-    """The trainer's datamodule, checked to be a :class:`TaskStream` (methods and the module need one)."""
+    """The trainer's datamodule, checked to be a `TaskStream` (methods and the module need one)."""
     dm = getattr(trainer, "datamodule", None)
     if not isinstance(dm, TaskStream):
         raise TypeError(

@@ -24,7 +24,7 @@ class Batch(NamedTuple):
         task: ``(B,)`` each sample's task.
         rows: ``(B,)`` each sample's row in the stream's base images (its identity: what DER stores, what DWA
             looks its complexity up by), or ``None`` unless a method declared it needs them
-            (:attr:`lifelong.methods.ContinualMethod.needs_rows`).
+            (`lifelong.methods.ContinualMethod.needs_rows`).
     """
 
     x: torch.Tensor
@@ -126,7 +126,7 @@ class TaskData:
 
 
 class TensorBatchLoader:
-    """Batches of a :class:`TaskData`, made by indexing tensors on their device.
+    """Batches of a `TaskData`, made by indexing tensors on their device.
 
     An iterable with ``len``, which is all Lightning needs from a loader. It shards itself across DDP ranks
     (so the trainer is built with ``use_distributed_sampler=False``), the way ``DistributedSampler`` does:
@@ -146,7 +146,8 @@ class TensorBatchLoader:
         world_size: the number of processes.
         pad: pad the order to a multiple of ``world_size`` (training).
         targets: ``(T, K)`` map from each task's base label to the label the network is trained on (the
-            scenario's label space, see :class:`lifelong.data.TaskStream`); ``None`` keeps the base labels.
+            scenario's label space, see [`TaskStream`][lifelong.data.streams.TaskStream]); ``None`` keeps the
+            base labels.
         augment: a random augmentation of the transformed batch (training), drawn from a generator on the
             data's device seeded by ``(seed, epoch, rank)``.
         with_rows: fill each batch's ``rows`` (each sample's row in the base tensors): the sample's identity,

@@ -33,7 +33,7 @@ class AGEM(MemoryMethod):
     A-GEM fill it). While later tasks train, each step's gradient ``g`` - of the loss and of any other
     method's terms - is compared with the reference gradient ``g_ref`` of the loss on a minibatch drawn
     from the memory: if ``g . g_ref < 0`` the step would raise the memory's loss, and ``g`` is replaced by
-    its projection ``g - (g . g_ref) / (g_ref . g_ref) g_ref`` (:func:`project`); otherwise it is left as it
+    its projection ``g - (g . g_ref) / (g_ref . g_ref) g_ref`` (`project`); otherwise it is left as it
     is. The reference gradient is computed with ``torch.autograd.grad`` (it never touches ``.grad``), in
     ``on_before_optimizer_step``: after mixed precision has unscaled the gradients, before clipping and the step.
 

@@ -1,5 +1,5 @@
 """What a continual-learning method is here: a Lightning Callback that reacts to the stream's task events and
-may add a loss term. :class:`ContinualMethod` is the one door between a method, the stream and the module."""
+may add a loss term. `ContinualMethod` is the one door between a method, the stream and the module."""
 
 from __future__ import annotations
 
@@ -27,11 +27,12 @@ def log_now(trainer: L.Trainer) -> bool:
 
 
 class ContinualModule(Protocol):
-    """What a method sees of the LightningModule it trains (:class:`lifelong.models.ContinualClassifier` is one):
-    the network, the heads, the task being trained and the stream, without importing the module's class.
+    """What a method sees of the LightningModule it trains
+    ([`lifelong.models.ContinualClassifier`][lifelong.models.module.ContinualClassifier] is one): the network, the
+    heads, the task being trained and the stream, without importing the module's class.
 
     Attributes:
-        net: the network (the wrapper a method's :meth:`ContinualMethod.configure_network` returned).
+        net: the network (the wrapper a method's `ContinualMethod.configure_network` returned).
         current_task: the task being trained (0-based), set by the stream's clock at every step.
         num_tasks: the stream's tasks.
         num_classes: the network's outputs, every head's.
@@ -115,14 +116,14 @@ class ContinualMethod(Callback):
     Three kinds of hook, all optional:
 
     * **Task events**, raised by the stream's clock where a boundary falls (at any step, not only at an epoch's
-      end) and dispatched once to every method by the module: :meth:`on_task_start` before a task's first
-      step, :meth:`on_task_end` after its last step and before it is evaluated.
-    * **Loss terms**: :meth:`penalty` (added to the loss in every training step), :meth:`classification_loss`
-      (in place of the cross-entropy), :meth:`scores` (what evaluation ranks). A term that is a function of the
+      end) and dispatched once to every method by the module: `on_task_start` before a task's first
+      step, `on_task_end` after its last step and before it is evaluated.
+    * **Loss terms**: `penalty` (added to the loss in every training step), `classification_loss`
+      (in place of the cross-entropy), `scores` (what evaluation ranks). A term that is a function of the
       parameters alone (EWC's quadratic) is cheaper added to the gradients in ``on_before_optimizer_step``,
       like any other Lightning hook.
-    * **Declared needs** from the stream, read once at setup (:func:`stream_needs`): :attr:`needs_rows`,
-      :attr:`needs_cumulative_data`, and :meth:`training_data` when overridden. Two methods that need
+    * **Declared needs** from the stream, read once at setup (`stream_needs`): `needs_rows`,
+      `needs_cumulative_data`, and `training_data` when overridden. Two methods that need
       incompatible things are refused before anything trains.
 
     Methods keep their state (importances, anchors, buffers) in ``state_dict``, so checkpoints resume them.
@@ -164,7 +165,7 @@ class ContinualMethod(Callback):
     def classification_loss(self, module: ContinualModule, batch: Batch, outputs: Tensor) -> Tensor | None:
         """The training loss in place of the cross-entropy (iCaRL's sigmoid loss), or ``None`` to keep it.
 
-        At most one method of a run may replace it; arguments as in :meth:`penalty`.
+        At most one method of a run may replace it; arguments as in `penalty`.
         """
         return None
 
@@ -175,7 +176,7 @@ class ContinualMethod(Callback):
 
 
 def overrides(method: ContinualMethod, hook: str) -> bool:
-    """Whether ``method``'s class overrides ``hook`` of :class:`ContinualMethod`."""
+    """Whether ``method``'s class overrides ``hook`` of `ContinualMethod`."""
     return getattr(type(method), hook) is not getattr(ContinualMethod, hook)
 
 

@@ -33,12 +33,12 @@ class DarkExperienceReplay(MemoryMethod):
     step), each sample with the raw logits the network gave it in that step - every output, before the
     scenario's masking, as the official code stores them, and never refreshed. While training, each step adds
 
-    * DER: :math:`\alpha\,\mathrm{MSE}(h(x'), z')` on a minibatch :math:`(x', z')` drawn from the memory, and
-    * DER++ (``beta > 0``): also :math:`\beta\,\mathrm{CE}(h(x''), y'')` on a second, independent minibatch,
+    * DER: $\alpha\,\mathrm{MSE}(h(x'), z')$ on a minibatch $(x', z')$ drawn from the memory, and
+    * DER++ (``beta > 0``): also $\beta\,\mathrm{CE}(h(x''), y'')$ on a second, independent minibatch,
       through the scenario's heads,
 
     to the cross-entropy of the stream batch. With ``alpha=0`` and ``beta=1`` it is the official code's
-    experience replay (a reservoir over the stream, a replayed minibatch in every step). See :func:`der_loss`
+    experience replay (a reservoir over the stream, a replayed minibatch in every step). See `der_loss`
     for the MSE's convention (averaged over the logits, as in the official code: the published alphas apply
     as they are). Minibatches are drawn without replacement (all of the memory while it holds fewer
     samples), with the training augmentation.

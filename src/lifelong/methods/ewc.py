@@ -16,28 +16,30 @@ from lifelong.methods.quadratic import QuadraticRegularizer, all_reduce_mean, ch
 class EWC(QuadraticRegularizer):
     r"""Elastic Weight Consolidation (Kirkpatrick et al., 2017) and online EWC (Schwarz et al., 2018).
 
-    At the end of each task k it computes the diagonal Fisher :math:`F_k` of that task (per sample and
-    exact, see :mod:`lifelong.methods.fisher`) and the anchor :math:`\theta^*_k` (the weights then). While
-    training later tasks it adds to the loss
+    At the end of each task k it computes the diagonal Fisher $F_k$ of that task (per sample and exact, see
+    [`lifelong.methods.fisher`][lifelong.methods.fisher]) and the anchor $\theta^*_k$ (the weights then). While training
+    later tasks it adds to the loss
 
-    .. math::  \frac{\lambda}{2} \sum_i \Omega_i (\theta_i - \bar\theta_i)^2 + \frac{\lambda}{2} c
+    $$
+    \frac{\lambda}{2} \sum_i \Omega_i (\theta_i - \bar\theta_i)^2 + \frac{\lambda}{2} c
+    $$
 
-    **Loss convention: the paper's** :math:`\lambda/2`. A lambda quoted for the form without the 1/2 (as in
+    **Loss convention: the paper's** $\lambda/2$. A lambda quoted for the form without the 1/2 (as in
     Hsu et al. 2018 or this project's DESIGN notes) is half of ours: their 30 is our 60.
 
     ``mode="separate"`` (the paper) holds the sum of all past tasks' quadratics exactly as one quadratic;
     ``mode="online"`` keeps a running Fisher and the latest anchor (see
-    :class:`~lifelong.methods.quadratic.QuadraticRegularizer`). Under DDP every rank sums the Fisher over its
-    shard of the task, the sums and counts are all-reduced, and every rank holds the same state.
+    [`QuadraticRegularizer`][lifelong.methods.quadratic.QuadraticRegularizer]). Under DDP every rank sums the Fisher
+    over its shard of the task, the sums and counts are all-reduced, and every rank holds the same state.
 
     Args:
-        ewc_lambda: strength :math:`\lambda \geq 0`.
+        ewc_lambda: strength $\lambda \geq 0$.
         fisher_type: ``"empirical"`` (true labels), ``"sampled"`` (labels drawn from the model) or
             ``"exact"`` (expectation over all classes).
         num_samples: samples of the finished task to estimate the Fisher on (random, seeded); ``None``
             for all.
         mode: ``"separate"`` or ``"online"``.
-        decay: :math:`\gamma \in [0, 1]` of online mode (ignored in separate mode).
+        decay: $\gamma \in [0, 1]$ of online mode (ignored in separate mode).
     """
 
     name = "ewc"

@@ -206,8 +206,8 @@ class PerSampleSums:
 
     On entry it splits ``params`` into fast-rule layers and a ``torch.func`` fallback, puts the model in eval
     mode (dropout off, batch-norm on running statistics, so samples do not interact) and records the fast
-    layers' inputs and outputs; on exit it restores the mode and notes in :attr:`result` which parameters
-    took which path. Per batch: :meth:`start` before the forward pass, :meth:`used` after it.
+    layers' inputs and outputs; on exit it restores the mode and notes in `result` which parameters
+    took which path. Per batch: `start` before the forward pass, `used` after it.
     """
 
     def __init__(self, model: nn.Module, params: Mapping[str, nn.Parameter]) -> None:
@@ -327,17 +327,17 @@ def fisher_sums(
 ) -> FisherSums:
     """Sums over samples of the squared per-sample gradients of the log-likelihood (see module docstring).
 
-    The model is in eval mode for the estimate (see :class:`PerSampleSums`).
+    The model is in eval mode for the estimate (see `PerSampleSums`).
 
     Args:
-        model: a classifier returning logits (see :func:`call_model` for how it is called).
+        model: a classifier returning logits (see `call_model` for how it is called).
         batches: ``(x, y, task)`` batches of the data to estimate on.
         fisher_type: ``"empirical"``, ``"sampled"`` or ``"exact"``.
         params: the parameters to estimate, by name; default: all that require grad.
         generator: random generator for ``sampled`` labels (for reproducibility).
 
     Returns:
-        :class:`FisherSums`; ``.mean()`` is the diagonal Fisher.
+        `FisherSums`; ``.mean()`` is the diagonal Fisher.
     """
     if fisher_type not in FISHER_TYPES:
         raise ValueError(f"fisher_type must be one of {FISHER_TYPES}, got {fisher_type!r}")
@@ -387,8 +387,8 @@ def per_sample_loop_fisher(
 ) -> FisherSums:
     """The same sums by the textbook loop: one backward pass per sample (per class for ``exact``).
 
-    Slow by design: it is the reference the vectorised :func:`fisher_sums` is tested and benchmarked
-    against. Sampled labels are drawn batch by batch exactly as :func:`fisher_sums` draws them, so the
+    Slow by design: it is the reference the vectorised `fisher_sums` is tested and benchmarked
+    against. Sampled labels are drawn batch by batch exactly as `fisher_sums` draws them, so the
     same generator state gives the same labels.
     """
     if params is None:

@@ -28,7 +28,7 @@ class HATNet(nn.Module):
 
     Every hidden layer ``l`` (every Linear and Conv2d layer but the last, the output) gets a learnable
     embedding ``e_l[t]`` per task; its outputs are multiplied by ``sigmoid(s * e_l[t])`` while training (``s``
-    annealed by :class:`HAT`) and by the binary ``e_l[t] > 0`` in eval mode. Masking a layer's output before
+    annealed by `HAT`) and by the binary ``e_l[t] > 0`` in eval mode. Masking a layer's output before
     its ReLU, dropout or max-pool equals masking after it (the gates are non-negative), so the wrapped
     network is used unchanged. The layers must form a chain (each one's inputs are the previous one's
     outputs, possibly flattened), as in the MLP, the CNN and the AlexNet-style network; networks with
@@ -108,16 +108,16 @@ def _check_chain(a: nn.Module, b: nn.Module) -> int:
 class HAT(ContinualMethod):
     r"""Hard Attention to the Task (Serra, Suris, Miron & Karatzoglou, 2018); the task scenario only.
 
-    The network is wrapped in a :class:`HATNet` (per-task unit masks). While task :math:`t` trains:
+    The network is wrapped in a `HATNet` (per-task unit masks). While task $t$ trains:
 
-    * the masks' slope is annealed within every epoch, :math:`s = 1/s_{max} + (s_{max} - 1/s_{max})
-      \frac{b - 1}{B - 1}` at batch :math:`b` of :math:`B`;
+    * the masks' slope is annealed within every epoch, $s = 1/s_{max} + (s_{max} - 1/s_{max})
+      \frac{b - 1}{B - 1}$ at batch $b$ of $B$;
     * the gradient of a weight between units used by earlier tasks is blocked: it is multiplied by
-      :math:`1 - \min(a^{<t}_{out}, a^{<t}_{in})`, where :math:`a^{<t}` is the union of the earlier tasks'
+      $1 - \min(a^{<t}_{out}, a^{<t}_{in})$, where $a^{<t}$ is the union of the earlier tasks'
       binary masks (so the units an earlier task uses keep their incoming weights);
-    * the embeddings' gradients are compensated for the annealing, :math:`\times\, s_{max}(\cosh(s e) + 1) /
-      (s(\cosh(e) + 1))`, and the embeddings are clamped to :math:`\pm 6`;
-    * the loss gains :math:`c \sum_l \sum_i a^t_{l,i} (1 - a^{<t}_{l,i}) / \sum_l \sum_i (1 - a^{<t}_{l,i})`,
+    * the embeddings' gradients are compensated for the annealing, $\times\, s_{max}(\cosh(s e) + 1) /
+      (s(\cosh(e) + 1))$, and the embeddings are clamped to $\pm 6$;
+    * the loss gains $c \sum_l \sum_i a^t_{l,i} (1 - a^{<t}_{l,i}) / \sum_l \sum_i (1 - a^{<t}_{l,i})$,
       which keeps the new task's mask small where units are still free.
 
     At test the masks are binary (the embeddings' signs), so an earlier task's function - its units, their
@@ -127,7 +127,7 @@ class HAT(ContinualMethod):
 
     Args:
         s_max: the largest slope (400 in the paper).
-        hat_c: the mask regulariser's strength :math:`c` (0.75 in the paper).
+        hat_c: the mask regulariser's strength $c$ (0.75 in the paper).
         clamp: the embeddings' bound (6).
     """
 

@@ -69,14 +69,14 @@ class ICaRL(MemoryMethod):
 
     * Memory: a class-balanced set of ``buffer_size`` exemplars, ``buffer_size // classes seen`` per class.
       At each task's end, each earlier class keeps the first exemplars of its herding order and each of the
-      task's classes gets its quota by :func:`herding` over all its training samples' features (the inputs of
+      task's classes gets its quota by `herding` over all its training samples' features (the inputs of
       the network's last linear layer, L2-normalised, the network in eval mode).
     * Training: while a task trains, its training set is the task's samples together with every exemplar
       (the stream's loader shuffles them as one set). The loss - in place of the cross-entropy - is the
       binary cross-entropy of the sigmoid outputs of the classes seen so far, averaged over samples and
       classes: the current task's classes take one-hot targets, the earlier classes the sigmoid outputs of
       the network as it was at the end of the previous task (distillation).
-    * Classification: nearest mean of exemplars (:func:`nme_scores`), class means from the exemplars'
+    * Classification: nearest mean of exemplars (`nme_scores`), class means from the exemplars'
       normalised features (re-normalised), computed at each task's end; before the first task ends, the
       network's outputs.
 

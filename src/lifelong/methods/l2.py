@@ -13,19 +13,19 @@ from lifelong.methods.quadratic import QuadraticRegularizer, check_strength
 
 
 class L2(QuadraticRegularizer):
-    r"""EWC's quadratic with every importance 1: :math:`\frac{\lambda}{2} \|\theta - \theta^*\|^2`.
+    r"""EWC's quadratic with every importance 1: $\frac{\lambda}{2} \|\theta - \theta^*\|^2$.
 
     The baseline that shows what EWC's Fisher adds (Kirkpatrick et al., 2017, compare it as "L2"): every
     parameter is held back equally, by default towards the weights at the end of the previous task
     (``mode="online"``, ``decay=0``: the importance stays 1, as in Hsu et al. 2018's L2). Separate mode (one
     term per past task) is available but pulls towards the mean of all past anchors, which for output heads
     trained after an anchor means back towards their untrained values: it forgets more than fine-tuning on
-    multi-head streams. Same ``lambda/2`` convention as :class:`~lifelong.methods.EWC`.
+    multi-head streams. Same ``lambda/2`` convention as [`EWC`][lifelong.methods.ewc.EWC].
 
     Args:
-        l2_lambda: strength :math:`\lambda \geq 0`.
+        l2_lambda: strength $\lambda \geq 0$.
         mode: ``"online"`` (one anchor, the latest) or ``"separate"``.
-        decay: online mode's :math:`\gamma` (0: the importance is 1 whatever the number of tasks).
+        decay: online mode's $\gamma$ (0: the importance is 1 whatever the number of tasks).
     """
 
     name = "l2"

@@ -30,19 +30,19 @@ class LwF(ContinualMethod):
     r"""Learning without Forgetting (Li & Hoiem, 2016).
 
     At the end of each task (but the last) a frozen copy of the network is kept. While later tasks train,
-    the loss gains :math:`\alpha \sum_h \mathrm{KL}(\sigma(o_h/T) \,\|\, \sigma(\hat o_h/T))` on the current
-    batch, where :math:`o_h` are the old network's outputs of head :math:`h` and :math:`\hat o_h` the new
+    the loss gains $\alpha \sum_h \mathrm{KL}(\sigma(o_h/T) \,\|\, \sigma(\hat o_h/T))$ on the current
+    batch, where $o_h$ are the old network's outputs of head $h$ and $\hat o_h$ the new
     network's: in the task scenario one term per earlier task's head (the paper's multi-head setting), in
     the class scenario one term over all classes seen before the current task, in the domain scenario one
-    over the shared head. The paper's defaults: :math:`T = 2`, :math:`\alpha = 1` (no :math:`T^2` factor).
+    over the shared head. The paper's defaults: $T = 2$, $\alpha = 1$ (no $T^2$ factor).
 
     No data of earlier tasks is stored: the old network's outputs on the new task's inputs stand in for it.
     Under DDP every rank copies the same weights, so the old network is the same everywhere. The old
-    network's weights are in :meth:`state_dict`.
+    network's weights are in `state_dict`.
 
     Args:
-        lwf_alpha: weight :math:`\alpha \geq 0` of the distillation term.
-        temperature: :math:`T > 0`.
+        lwf_alpha: weight $\alpha \geq 0$ of the distillation term.
+        temperature: $T > 0$.
     """
 
     name = "lwf"

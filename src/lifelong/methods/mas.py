@@ -18,7 +18,8 @@ def _output_sq_norm(logits: Tensor) -> Tensor:
     """Per-sample squared L2 norm of the outputs, ``(B,)``, over the outputs the sample's head has.
 
     Logits outside the head (the task scenario masks them to the dtype's lowest value, see
-    :class:`~lifelong.models.ContinualClassifier`) are not outputs of the function and are left out.
+    [`ContinualClassifier`][lifelong.models.module.ContinualClassifier]) are not outputs of the function and are left
+    out.
     """
     valid = logits > torch.finfo(logits.dtype).min
     out = torch.where(valid, logits, 0)
@@ -71,7 +72,7 @@ def mas_sums(
 def per_sample_loop_mas(
     model: nn.Module, batches: Iterable[Batch], *, params: Mapping[str, nn.Parameter] | None = None
 ) -> FisherSums:
-    """The same sums by one backward pass per sample: the reference :func:`mas_sums` is tested against."""
+    """The same sums by one backward pass per sample: the reference `mas_sums` is tested against."""
     if params is None:
         params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     names, tensors = list(params), list(params.values())
@@ -94,20 +95,22 @@ def per_sample_loop_mas(
 class MAS(QuadraticRegularizer):
     r"""Memory Aware Synapses (Aljundi et al., 2018).
 
-    The importance of a parameter is the mean over the task's samples of :math:`|\partial \|f(x)\|_2^2 /
-    \partial\theta_i|`, where :math:`f(x)` are the outputs of the sample's head: it needs no labels, and is
+    The importance of a parameter is the mean over the task's samples of $|\partial \|f(x)\|_2^2 /
+    \partial\theta_i|$, where $f(x)$ are the outputs of the sample's head: it needs no labels, and is
     computed per sample in the same vectorised way as EWC's Fisher. As in the paper, importances add up over
     tasks and the anchor is the latest task's weights (``mode="online"``, ``decay=1``), and the loss is
 
-    .. math::  L(\theta) + \lambda \sum_i \Omega_i (\theta_i - \theta^*_i)^2
+    $$
+    L(\theta) + \lambda \sum_i \Omega_i (\theta_i - \theta^*_i)^2
+    $$
 
     (no 1/2: the paper's convention).
 
     Args:
-        mas_lambda: strength :math:`\lambda \geq 0`.
+        mas_lambda: strength $\lambda \geq 0$.
         num_samples: samples of the finished task to estimate on (random, seeded); ``None`` for all.
         mode: ``"online"`` (the paper) or ``"separate"``.
-        decay: online mode's :math:`\gamma`.
+        decay: online mode's $\gamma$.
     """
 
     name = "mas"

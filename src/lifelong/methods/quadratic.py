@@ -1,6 +1,6 @@
 r"""Methods whose penalty is a quadratic around past weights: EWC, online EWC, L2, SI and MAS.
 
-They differ only in the importance :math:`\Omega` of each parameter, estimated at every task boundary (the
+They differ only in the importance $\Omega$ of each parameter, estimated at every task boundary (the
 Fisher for EWC, ones for L2, the path integral for SI, output sensitivities for MAS); the quadratic, its
 merging over tasks, its gradient and its state are shared here.
 """
@@ -25,31 +25,31 @@ MODES = ("separate", "online")
 
 
 class QuadraticRegularizer(ContinualMethod):
-    r"""A penalty :math:`\kappa \left(\sum_i \Omega_i (\theta_i - \bar\theta_i)^2 + c\right)` around past weights.
+    r"""A penalty $\kappa \left(\sum_i \Omega_i (\theta_i - \bar\theta_i)^2 + c\right)$ around past weights.
 
-    At the end of each task k (except the last) a subclass estimates the importance :math:`F_k` of every
-    parameter (:meth:`task_importance`), and it is folded into the state with the anchor
-    :math:`\theta^*_k` (the weights then):
+    At the end of each task k (except the last) a subclass estimates the importance $F_k$ of every
+    parameter (`task_importance`), and it is folded into the state with the anchor
+    $\theta^*_k$ (the weights then):
 
-    * ``mode="separate"``: one quadratic per past task, :math:`\sum_k F_k (\theta - \theta^*_k)^2`. That sum
-      is itself one quadratic, held exactly as :math:`\Omega = \sum_k F_k`, :math:`\bar\theta = \sum_k F_k
-      \theta^*_k / \Omega` and the constant :math:`c = \sum_k F_k {\theta^*_k}^2 - \Omega \bar\theta^2`
+    * ``mode="separate"``: one quadratic per past task, $\sum_k F_k (\theta - \theta^*_k)^2$. That sum
+      is itself one quadratic, held exactly as $\Omega = \sum_k F_k$, $\bar\theta = \sum_k F_k
+      \theta^*_k / \Omega$ and the constant $c = \sum_k F_k {\theta^*_k}^2 - \Omega \bar\theta^2$
       (which changes the value, not the gradient), so memory and per-step cost do not grow with the number
       of tasks.
-    * ``mode="online"``: a running importance :math:`\Omega \leftarrow \gamma \Omega + F_k` and the latest
-      anchor, :math:`\bar\theta = \theta^*_k` (``decay`` is :math:`\gamma`).
+    * ``mode="online"``: a running importance $\Omega \leftarrow \gamma \Omega + F_k$ and the latest
+      anchor, $\bar\theta = \theta^*_k$ (``decay`` is $\gamma$).
 
-    The coefficient :math:`\kappa` (:attr:`coefficient`) follows each method's paper: ``lambda/2`` for EWC
+    The coefficient $\kappa$ (`coefficient`) follows each method's paper: ``lambda/2`` for EWC
     and L2, ``c`` for SI, ``lambda`` for MAS.
 
-    The penalty's gradient, :math:`2\kappa\,\Omega (\theta - \bar\theta)`, is added to the gradients in
+    The penalty's gradient, $2\kappa\,\Omega (\theta - \bar\theta)$, is added to the gradients in
     ``on_before_optimizer_step``: after gradient accumulation, the DDP all-reduce and AMP's unscaling, so it
     needs no scaling of its own and is the same on every rank. Importances and anchors are saved through
-    :meth:`state_dict`, so a checkpoint resumes them.
+    `state_dict`, so a checkpoint resumes them.
 
     Args:
         mode: ``"separate"`` or ``"online"``.
-        decay: :math:`\gamma \in [0, 1]` of online mode (ignored in separate mode).
+        decay: $\gamma \in [0, 1]$ of online mode (ignored in separate mode).
     """
 
     name = "quadratic"
@@ -72,7 +72,7 @@ class QuadraticRegularizer(ContinualMethod):
 
     @property
     def coefficient(self) -> float:
-        r""":math:`\kappa`, the factor in front of :math:`\sum_i \Omega_i (\theta_i - \bar\theta_i)^2`."""
+        r"""$\kappa$, the factor in front of $\sum_i \Omega_i (\theta_i - \bar\theta_i)^2$."""
         raise NotImplementedError
 
     def task_importance(

@@ -25,7 +25,7 @@ class ReplayBuffer:
     method stores with it (e.g. DER's logits), all as tensors on the buffer's device. A memory of thousands of
     samples is a few hundred kilobytes, so checkpoints carry it at no noticeable cost.
 
-    Policies (how :meth:`add` keeps samples):
+    Policies (how `add` keeps samples):
 
     * ``reservoir`` (Vitter's algorithm R): after ``n`` samples have been offered, every one of them is in
       the buffer with probability ``size / n``, whatever the task it came from. Vectorised, and without a
@@ -33,7 +33,7 @@ class ReplayBuffer:
     * ``class_balanced``: the buffer is split equally between the classes seen so far, each holding a
       uniform random subset of its samples.
 
-    :meth:`append` instead adds samples as they are while there is room (a per-task quota, as GEM and A-GEM
+    `append` instead adds samples as they are while there is room (a per-task quota, as GEM and A-GEM
     fill their memory).
 
     Args:
@@ -156,7 +156,7 @@ class ReplayBuffer:
 
 
 class MemoryMethod(ContinualMethod):
-    """A method with a :class:`ReplayBuffer` (``self.buffer``): kept on the training device, carried by checkpoints,
+    """A method with a `ReplayBuffer` (``self.buffer``): kept on the training device, carried by checkpoints,
     and sampled with local generators seeded by the stream's seed, the epoch and (for draws each rank makes on
     its own) the rank - so a resumed run draws what the uninterrupted one did."""
 
@@ -192,7 +192,7 @@ class ExperienceReplay(MemoryMethod):
     """Experience replay: every training step adds the loss on a batch drawn from a memory of past tasks.
 
     At the end of each task (but the last) the task's training samples are offered to a
-    :class:`ReplayBuffer` in a seeded random order; while later tasks train, every step draws
+    `ReplayBuffer` in a seeded random order; while later tasks train, every step draws
     ``replay_batch_size`` stored samples (uniformly, with replacement) and adds ``replay_weight`` times their
     cross-entropy, through the scenario's heads (each sample's own head in the task scenario, the classes
     seen so far in the class scenario). The memory holds indices into the stream's tensor-resident data, so

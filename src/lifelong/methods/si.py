@@ -19,25 +19,27 @@ class SI(QuadraticRegularizer):
     r"""Synaptic Intelligence (Zenke, Poole & Ganguli, 2017).
 
     While a task trains, every optimizer step adds to a running path integral the parameter's share of the
-    drop in the task's loss, :math:`\omega_i \mathrel{-}= g_i \, \Delta\theta_i`, with :math:`g` the gradient
-    of the task's loss alone (before any penalty is added) and :math:`\Delta\theta` the step the optimizer
+    drop in the task's loss, $\omega_i \mathrel{-}= g_i \, \Delta\theta_i$, with $g$ the gradient
+    of the task's loss alone (before any penalty is added) and $\Delta\theta$ the step the optimizer
     took. At the task's end the importance is
 
-    .. math::  F_i = \frac{\max(\omega_i, 0)}{(\theta_i^{end} - \theta_i^{start})^2 + \xi}
+    $$
+    F_i = \frac{\max(\omega_i, 0)}{(\theta_i^{end} - \theta_i^{start})^2 + \xi}
+    $$
 
     (negative contributions, steps along which the loss rose, are clipped at 0 so the quadratic stays
     convex). As in the paper importances add up over tasks around the latest anchor (``mode="online"``,
-    ``decay=1``), with the loss :math:`L(\theta) + c \sum_i \Omega_i (\theta_i - \theta^*_i)^2` (no 1/2).
+    ``decay=1``), with the loss $L(\theta) + c \sum_i \Omega_i (\theta_i - \theta^*_i)^2$ (no 1/2).
 
     Under DDP the gradients seen here are already all-reduced and the weights are the same on every rank,
     so every rank integrates the same path. The running integral is in the state, so a checkpoint taken
     inside a task resumes it.
 
     Args:
-        si_c: strength :math:`c \geq 0`.
-        xi: damping :math:`\xi > 0`.
+        si_c: strength $c \geq 0$.
+        xi: damping $\xi > 0$.
         mode: ``"online"`` (the paper) or ``"separate"``.
-        decay: online mode's :math:`\gamma`.
+        decay: online mode's $\gamma$.
     """
 
     name = "si"

@@ -31,7 +31,7 @@ class LossWatch:
 
     On a CPU the module checks every step's loss before the step (free there); on an accelerator that check
     would wait for the device at every step, so each step only records, on the device, the first non-finite
-    loss with its batch and step, and :meth:`found` (one sync) is read at steps that sync anyway (the log
+    loss with its batch and step, and `found` (one sync) is read at steps that sync anyway (the log
     steps), before each task's evaluation and at each epoch end: a NaN never reaches a checkpoint.
     """
 
@@ -57,31 +57,31 @@ class LossWatch:
 
 
 class ContinualClassifier(L.LightningModule):
-    """Wraps an ``nn.Module`` classifier for a task stream (see :class:`lifelong.data.TaskStream`).
+    """Wraps an ``nn.Module`` classifier for a task stream (see
+    [`lifelong.data.TaskStream`][lifelong.data.streams.TaskStream]).
 
-    * Heads, by scenario (see :mod:`lifelong.data.streams`): ``net`` has one output per class of all heads
-      together. In the ``task`` scenario each sample's logits outside its task's head are masked out (to the
-      dtype's lowest value, so softmax gives them probability 0 and no gradient reaches them); in the
-      ``class`` scenario the logits are cut to the classes seen so far (the tasks up to the current one),
-      or, with ``class_outputs="all"``, all outputs are trained and ranked from the first task on (the
-      convention of Mammoth, Buzzega et al.'s code); in the ``domain`` scenario the one head is used as it
-      is. Methods see these logits through ``forward(x, task)``, and need not know the scenario.
-    * Training: cross-entropy plus the penalty of every :class:`~lifelong.methods.ContinualMethod` among the
-      trainer's callbacks (logged as ``train/loss`` and ``train/<method>_penalty``).
-    * Task events: at every training step the stream's clock (:meth:`lifelong.data.TaskStream.step`) says which
-      task is trained and whether a task starts or ends there; the module raises each event once, to every
-      method (``on_task_start`` before a task's first step, ``on_task_end`` after its last), clears the
-      optimizer's state at a task's start (``reset_optimizer``) and evaluates at its end. A boundary may fall
-      at any step, inside an epoch too.
-    * Evaluation: at the end of each task the module measures every task's test set and, with ``validation``,
-      every task's validation set (:meth:`lifelong.data.TaskStream.eval_loaders`: validation sets first). They
-      fill row ``task`` of :attr:`accuracy_matrix` (test) and :attr:`val_accuracy_matrix`, buffers, so
-      checkpoints carry them. Logged as ``test/acc/task_<j>`` (1-based) and ``test/avg_acc_seen``, and as
-      ``val/...`` for validation, which the progress bar shows when there is some. Before the first task,
-      the untrained network is measured once the same way (:attr:`initial_accuracy`,
-      :attr:`val_initial_accuracy`): the reference of forward transfer. In the ``class`` scenario the same
-      evaluation also fills :attr:`task_aware_accuracy_matrix` (and its validation twin): each sample ranked
-      among its own task's classes only, the Task-IL accuracy that class-incremental papers report beside
+    * Heads, by scenario (see [`lifelong.data.streams`][lifelong.data.streams]): ``net`` has one output per class of all
+      heads together. In the ``task`` scenario each sample's logits outside its task's head are masked out (to the
+      dtype's lowest value, so softmax gives them probability 0 and no gradient reaches them); in the ``class`` scenario
+      the logits are cut to the classes seen so far (the tasks up to the current one), or, with ``class_outputs="all"``,
+      all outputs are trained and ranked from the first task on (the convention of Mammoth, Buzzega et al.'s code); in
+      the ``domain`` scenario the one head is used as it is. Methods see these logits through ``forward(x, task)``, and
+      need not know the scenario.
+    * Training: cross-entropy plus the penalty of every [`ContinualMethod`][lifelong.methods.base.ContinualMethod] among
+      the trainer's callbacks (logged as ``train/loss`` and ``train/<method>_penalty``).
+    * Task events: at every training step the stream's clock
+      ([`lifelong.data.TaskStream.step`][lifelong.data.streams.TaskStream.step]) says which task is trained and whether
+      a task starts or ends there; the module raises each event once, to every method (``on_task_start`` before a task's
+      first step, ``on_task_end`` after its last), clears the optimizer's state at a task's start (``reset_optimizer``)
+      and evaluates at its end. A boundary may fall at any step, inside an epoch too.
+    * Evaluation: at the end of each task the module measures every task's test set and, with ``validation``, every
+      task's validation set ([`lifelong.data.TaskStream.eval_loaders`][lifelong.data.streams.TaskStream.eval_loaders]:
+      validation sets first). They fill row ``task`` of `accuracy_matrix` (test) and `val_accuracy_matrix`, buffers, so
+      checkpoints carry them. Logged as ``test/acc/task_<j>`` (1-based) and ``test/avg_acc_seen``, and as ``val/...``
+      for validation, which the progress bar shows when there is some. Before the first task, the untrained network is
+      measured once the same way (`initial_accuracy`, `val_initial_accuracy`): the reference of forward transfer. In the
+      ``class`` scenario the same evaluation also fills `task_aware_accuracy_matrix` (and its validation twin): each
+      sample ranked among its own task's classes only, the Task-IL accuracy that class-incremental papers report beside
       Class-IL from the same run.
 
     Args:
@@ -222,8 +222,8 @@ class ContinualClassifier(L.LightningModule):
         return logits
 
     def predict(self, x: Tensor, task: Tensor | None = None) -> Tensor:
-        """The class scores evaluation ranks: a method's own (:meth:`ContinualMethod.scores`, e.g. iCaRL's nearest
-        mean of exemplars) where one gives them, else the logits of :meth:`forward`."""
+        """The class scores evaluation ranks: a method's own (`ContinualMethod.scores`, e.g. iCaRL's nearest
+        mean of exemplars) where one gives them, else the logits of `forward`."""
         for method in self._methods:
             scores = method.scores(self, x, task)
             if scores is not None:

@@ -1,9 +1,10 @@
 """Dynamic weight allocation (DWA): per-sample weight masks generated from a context embedding of the input.
 
-* :mod:`~lifelong.methods.dwa.layers`: the masked Linear and Conv2d layers;
-* :mod:`~lifelong.methods.dwa.net`: :class:`DWANet`, the wrapped network with its context processor;
-* :mod:`~lifelong.methods.dwa.curriculum`: each sample's complexity, and the curriculum built on it;
-* :mod:`~lifelong.methods.dwa.method`: :class:`DWA`, the method (a :class:`~lifelong.methods.ContinualMethod`).
+* [`layers`][lifelong.methods.dwa.layers]: the masked Linear and Conv2d layers;
+* [`net`][lifelong.methods.dwa.net]: `DWANet`, the wrapped network with its context processor;
+* [`curriculum`][lifelong.methods.dwa.curriculum]: each sample's complexity, and the curriculum built on it;
+* [`method`][lifelong.methods.dwa.method]: `DWA`, the method (a
+  [`ContinualMethod`][lifelong.methods.base.ContinualMethod]).
 """
 
 from lifelong.methods.dwa.curriculum import Curriculum

@@ -13,10 +13,10 @@ from lifelong.data.tensors import TaskData
 
 
 class Curriculum:
-    r"""The complexity :math:`\zeta` of every training sample of a task, and the curriculum built on it.
+    r"""The complexity $\zeta$ of every training sample of a task, and the curriculum built on it.
 
-    With ``enabled``, epoch :math:`e` of a task trains only on the task's samples with
-    :math:`\zeta \le \min(1, s + (1 - s)\,e / E_c)` (``start`` is :math:`s`, ``epochs`` :math:`E_c`). The
+    With ``enabled``, epoch $e$ of a task trains only on the task's samples with
+    $\zeta \le \min(1, s + (1 - s)\,e / E_c)$ (``start`` is $s$, ``epochs`` $E_c$). The
     complexity is used with the curriculum off too: it weights DWA's embedding loss and picks its anchors.
 
     Args:

@@ -18,7 +18,7 @@ GATES = ("tanh", "sigmoid")
 
 
 def check_gate(gate: str) -> str:
-    """``gate``, checked to be one of :data:`GATES` (the masks' and the embedding's squashing function)."""
+    """``gate``, checked to be one of `GATES` (the masks' and the embedding's squashing function)."""
     if gate not in GATES:
         raise ValueError(f"method.gate must be one of {list(GATES)}, got {gate!r}")
     return gate
@@ -37,7 +37,7 @@ def triplet(e: Tensor, pos: Tensor, neg: Tensor, margin: float) -> Tensor:
 
 @dataclass
 class _Context:
-    """What a forward pass of a :class:`DWANet` shares between its processor and its masked layers."""
+    """What a forward pass of a `DWANet` shares between its processor and its masked layers."""
 
     emb: Tensor | None = None  # (B, emb_size): this forward pass's context embedding
     injected: Tensor | None = None  # (emb_size,): an embedding used for every sample instead (anchor search)
@@ -121,7 +121,9 @@ class _MaskedLayer(nn.Module):
 
     @torch.no_grad()
     def per_sample_grad_powers(self, a: Tensor, g: Tensor, w: Tensor, power: int) -> dict[str, Tensor]:
-        """The Fisher engine's rule (see :func:`lifelong.methods.fisher.per_sample_grad_powers`): sample ``b``'s
+        """The Fisher engine's rule (see
+        [`lifelong.methods.fisher.per_sample_grad_powers`][lifelong.methods.fisher.per_sample_grad_powers]): sample
+        ``b``'s
         weight gradient is the plain layer's ``(g_b a_b^T)`` times its mask ``M_b``."""
         if self.last_emb is None:
             raise RuntimeError("per_sample_grad_powers needs a forward pass first")

@@ -44,30 +44,32 @@ from lifelong.methods.quadratic import all_reduce_mean, task_sample
 class DWA(ContinualMethod):
     r"""Dynamic weight allocation (Geilert, "Pay attention to the Task", a fork of HAT); the task scenario.
 
-    The network is wrapped in a :class:`DWANet`. The loss of a training step is
+    The network is wrapped in a `DWANet`. The loss of a training step is
 
-    .. math::  L_{task} + \lambda_1 L_{emb} + \lambda_2 \sum_j L_{pl,j} + \lambda_3 \sum_j R_{sp,j}
+    $$
+    L_{task} + \lambda_1 L_{emb} + \lambda_2 \sum_j L_{pl,j} + \lambda_3 \sum_j R_{sp,j}
+    $$
 
     averaged over the batch's samples, each term per sample ``b``:
 
-    * :math:`L_{emb} = (1 - \zeta_b)\,(T(E_b, P, N) + \delta\,T(E_b, P, N_T))` with the triplet loss
-      :math:`T(E, P, N) = [\|E - P\|^2 - \|E - N\|^2 + \alpha]_+` and the sample's complexity
-      :math:`\zeta_b` (from the second task on; ``anchor_first_task`` also on the first, without the
-      :math:`N_T` term). The anchors are recomputed at the start of every epoch from the current network:
-      :math:`P` the mean embedding of ``anchor_samples`` low-complexity samples (:math:`\zeta < 0.4`) of
-      the task; :math:`N` of ``negative_searches`` random unit directions orthogonal to :math:`P`, the one
-      whose injection as every sample's embedding gives the highest task loss on them; :math:`N_T` of the
-      earlier tasks' stored anchors, the one giving the highest loss. A task's anchor :math:`P` is stored
+    * $L_{emb} = (1 - \zeta_b)\,(T(E_b, P, N) + \delta\,T(E_b, P, N_T))$ with the triplet loss
+      $T(E, P, N) = [\|E - P\|^2 - \|E - N\|^2 + \alpha]_+$ and the sample's complexity
+      $\zeta_b$ (from the second task on; ``anchor_first_task`` also on the first, without the
+      $N_T$ term). The anchors are recomputed at the start of every epoch from the current network:
+      $P$ the mean embedding of ``anchor_samples`` low-complexity samples ($\zeta < 0.4$) of
+      the task; $N$ of ``negative_searches`` random unit directions orthogonal to $P$, the one
+      whose injection as every sample's embedding gives the highest task loss on them; $N_T$ of the
+      earlier tasks' stored anchors, the one giving the highest loss. A task's anchor $P$ is stored
       when it ends.
-    * :math:`L_{pl,j} = \sum_i F_i |M_{b,i}|` over the weights of masked layer :math:`j`, with :math:`F`
+    * $L_{pl,j} = \sum_i F_i |M_{b,i}|$ over the weights of masked layer $j$, with $F$
       the diagonal Fisher of those weights (per-sample, empirical, from lifelong's engine), the mean of
       the earlier tasks' Fishers (the paper's running merge).
-    * :math:`R_{sp,j} = [\frac{1}{|M_j|} \sum_i a(M_{b,i}) - \mu]_+`, where the soft activity :math:`a` is
-      :math:`\max(M, 0)` for tanh masks (:math:`M` for sigmoid ones): the paper's fraction of active mask
-      entries, :math:`\mathbb{1}(H > 0)`, in the gate's saturated limit, with a gradient towards sparse masks.
+    * $R_{sp,j} = [\frac{1}{|M_j|} \sum_i a(M_{b,i}) - \mu]_+$, where the soft activity $a$ is
+      $\max(M, 0)$ for tanh masks ($M$ for sigmoid ones): the paper's fraction of active mask
+      entries, $\mathbb{1}(H > 0)$, in the gate's saturated limit, with a gradient towards sparse masks.
 
     The curriculum (``curriculum``) trains each epoch only on the task's samples with
-    :math:`\zeta \le \min(1, s + (1 - s)\,e / E_c)` at epoch :math:`e` of the task; the warm-up divides the
+    $\zeta \le \min(1, s + (1 - s)\,e / E_c)$ at epoch $e$ of the task; the warm-up divides the
     learning rate by ``warmup_divisor`` for the first ``warmup_epochs`` epochs of every task.
 
     Under DDP every rank computes the complexity of the whole task (the same scores), the anchors' means and
@@ -75,25 +77,25 @@ class DWA(ContinualMethod):
     equal to one process's.
 
     Args:
-        stem_layers: see :class:`DWANet`.
-        emb_size: see :class:`DWANet`.
-        processor_features: see :class:`DWANet`.
-        gate: see :class:`DWANet`.
-        chunk_elements: see :class:`DWANet`.
-        paper_init: see :class:`DWANet`.
-        lambda_emb: :math:`\lambda_1` (20).
-        lambda_attention: :math:`\lambda_2` (0.1).
-        lambda_sparsity: :math:`\lambda_3` (500).
-        sparsity: :math:`\mu`, the fraction of active mask entries allowed without penalty (0.2).
-        margin: the triplet margin :math:`\alpha` (1.5).
-        delta: :math:`\delta`, the weight of the earlier tasks' anchor (1).
-        anchor_first_task: apply :math:`L_{emb}` on the first task too.
+        stem_layers: see `DWANet`.
+        emb_size: see `DWANet`.
+        processor_features: see `DWANet`.
+        gate: see `DWANet`.
+        chunk_elements: see `DWANet`.
+        paper_init: see `DWANet`.
+        lambda_emb: $\lambda_1$ (20).
+        lambda_attention: $\lambda_2$ (0.1).
+        lambda_sparsity: $\lambda_3$ (500).
+        sparsity: $\mu$, the fraction of active mask entries allowed without penalty (0.2).
+        margin: the triplet margin $\alpha$ (1.5).
+        delta: $\delta$, the weight of the earlier tasks' anchor (1).
+        anchor_first_task: apply $L_{emb}$ on the first task too.
         anchor_threshold: the complexity below which samples make the anchors (0.4).
         anchor_samples: how many of them (a seeded random choice; 320, the code's 10 batches of 32).
-        negative_searches: random directions tried for :math:`N` (5).
+        negative_searches: random directions tried for $N$ (5).
         curriculum: train each epoch on the samples under the rising complexity threshold.
-        curriculum_start: the threshold :math:`s` at a task's first epoch (0.2).
-        curriculum_epochs: :math:`E_c`, the epochs over which it reaches 1 (100).
+        curriculum_start: the threshold $s$ at a task's first epoch (0.2).
+        curriculum_epochs: $E_c$, the epochs over which it reaches 1 (100).
         warmup_epochs: epochs of reduced learning rate at the start of every task (0: none).
         warmup_divisor: the learning rate's divisor during them (750).
         fisher_samples: samples of a finished task to estimate the Fisher on (seeded); ``None`` for all.

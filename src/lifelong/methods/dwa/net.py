@@ -60,9 +60,9 @@ class DWANet(nn.Module):
     """A network whose Linear/Conv2d layers after the stem compute with per-sample weight masks.
 
     The network's Linear and Conv2d layers, in order: the first ``stem_layers`` run as they are; a
-    :class:`ContextProcessor` maps the input of the first masked layer (the stem's features, after its
+    `ContextProcessor` maps the input of the first masked layer (the stem's features, after its
     activation and pooling) to the embedding ``E``; every later layer but the output is replaced by a
-    :class:`MaskedLinear` or :class:`MaskedConv2d` (same parameters, same names) whose masks are generated
+    `MaskedLinear` or `MaskedConv2d` (same parameters, same names) whose masks are generated
     from ``E``; the output layer (all tasks' heads; the task scenario picks each sample's) is not masked.
     The layers must form a chain as in the MLP, the CNN and the AlexNet-style network; networks with
     normalisation layers (whose statistics all tasks would share) are refused.
@@ -75,7 +75,7 @@ class DWANet(nn.Module):
         processor_features: ``(F_B, F_E)``, the processor's widths.
         gate: ``"tanh"`` (the paper) or ``"sigmoid"`` (the code's default) for masks and embedding.
         chunk_elements: the most mask entries (``B x |W|``) one layer computes at once (see
-            :class:`_MaskedLayer`).
+            `_MaskedLayer`).
         paper_init: initialise the network's layers as the paper does: He-normal for convolutions,
             Xavier-uniform for dense layers, zero biases.
     """
