@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import lightning.pytorch  # noqa: F401  # before any test captures stderr: Lightning's log handler keeps the stream it sees
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -109,7 +110,7 @@ def compose_run(overrides: list[str], run_dir: Path) -> dict:
 
 def refused_run(overrides: list[str], run_dir: Path, capsys, code: int = 2) -> str:
     """Run in this process as :func:`compose_run` does, expecting train.py's refusal: exit ``code`` and one
-    ``error:`` line on stderr, which is returned."""
+    ``error:`` message on stderr, which is returned (from its ``error:`` line on)."""
     import train
 
     cfg, choices = compose_train(overrides, run_dir)
@@ -120,7 +121,7 @@ def refused_run(overrides: list[str], run_dir: Path, capsys, code: int = 2) -> s
     err = capsys.readouterr().err
     lines = [line for line in err.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and "Traceback" not in err, err
-    return lines[0]
+    return err[err.index(lines[0]) :].rstrip()  # the message, with the folders it lists below its first line
 
 
 METHODS = ("finetune", "ewc", "l2", "si", "mas", "lwf", "er", "hat")

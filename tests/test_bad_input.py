@@ -1,7 +1,9 @@
-"""Plausible mistakes, made as a user makes them (train.py in a subprocess), against a real run's folder.
+"""Plausible mistakes, made as a user makes them, against a real run's folder.
 
 Each is refused before anything trains, with exit status 2, one message that names what is wrong, no
-traceback, and every file that was there before byte for byte as it was.
+traceback, and every file that was there before byte for byte as it was. The composed config is run in this
+process, as train.py runs it (``refused_run``: no interpreter to start per case); a few cases run train.py
+itself in a subprocess, for the exit status and the folder's train.log that Hydra holds open there.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import QUIET, load_checkpoint, read_metrics, run_train
+from tests.conftest import QUIET, load_checkpoint, read_metrics, refused_run, run_train
 
 pytestmark = pytest.mark.integration
 
@@ -53,6 +55,13 @@ def unfinished(tmp_path, finished) -> Path:
     return run
 
 
+def refused_here(overrides: list[str], run_dir: Path, capsys, *phrases: str) -> None:
+    """``overrides`` composed and run in this process: refused with one ``error:`` line holding ``phrases``."""
+    line = refused_run(overrides, run_dir, capsys)
+    for phrase in phrases:
+        assert phrase in line, line
+
+
 def refused(proc, *phrases: str) -> None:
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
@@ -82,11 +91,18 @@ if not torch.cuda.is_available():
 
 
 @pytest.mark.parametrize(("overrides", "phrases"), VALUES, ids=[" ".join(v[0]) for v in VALUES])
-def test_a_bad_value_is_named_and_changes_nothing(finished, mnist_root, overrides, phrases):
+def test_a_bad_value_is_named_and_changes_nothing(finished, mnist_root, overrides, phrases, capsys):
     """Even with overwrite=true, which asks to replace the folder's results, a bad value leaves them."""
     before = snapshot(finished)
-    proc = run_train([*_args(mnist_root), *overrides, "overwrite=true"], finished)
-    refused(proc, *phrases)
+    refused_here([*_args(mnist_root), *overrides, "overwrite=true"], finished, capsys, *phrases)
+    assert snapshot(finished) == before
+
+
+def test_train_py_itself_exits_2_and_leaves_the_folder_and_its_log(finished, mnist_root):
+    """The same refusal from the command line: exit status 2, one line, Hydra's train.log as it was."""
+    before = snapshot(finished)
+    refused(run_train([*_args(mnist_root), "optimizer.lr=-0.1", "overwrite=true"], finished), "optimizer.lr=-0.1")
+    refused(run_train([*_args(mnist_root), "resume=true"], finished), "holds a finished run", "nothing to resume")
     assert snapshot(finished) == before
 
 
@@ -101,11 +117,10 @@ def test_a_bad_value_is_named_and_changes_nothing(finished, mnist_root, override
     ],
     ids=["another method", "another network", "another scenario", "another lambda"],
 )
-def test_resuming_with_other_settings_is_refused(unfinished, mnist_root, overrides, phrases):
+def test_resuming_with_other_settings_is_refused(unfinished, mnist_root, overrides, phrases, capsys):
     """The issue's case: a run of method=ewc resumed with method=si would write SI's name over EWC's matrix."""
     before = snapshot(unfinished)
-    proc = run_train([*_args(mnist_root), *overrides, "resume=true"], unfinished)
-    refused(proc, *phrases)
+    refused_here([*_args(mnist_root), *overrides, "resume=true"], unfinished, capsys, *phrases)
     assert snapshot(unfinished) == before
     assert not (unfinished / "metrics.json").exists()
 
@@ -141,19 +156,18 @@ def _without_config(src: Path, dst: Path) -> Path:
     ],
     ids=["another method, no config", "another network, no config", "truncated", "text", "a plain torch file"],
 )
-def test_a_foreign_or_damaged_checkpoint_is_refused(tmp_path, finished, mnist_root, make, overrides, phrases):
+def test_a_foreign_or_damaged_checkpoint_is_refused(tmp_path, finished, mnist_root, make, overrides, phrases, capsys):
     ckpt = make(finished / "checkpoints" / "task_1.ckpt", tmp_path)
     before, source = snapshot(tmp_path), snapshot(finished)
-    proc = run_train([*_args(mnist_root), *overrides, f"ckpt_path={ckpt}"], tmp_path / "new")
-    refused(proc, *phrases)
+    refused_here([*_args(mnist_root), *overrides, f"ckpt_path={ckpt}"], tmp_path / "new", capsys, *phrases)
     assert snapshot(tmp_path) == before and snapshot(finished) == source  # not even a log in the new folder
 
 
 # ---- finished runs and folders that hold another run's results ------------------------------------------------
-def test_resuming_a_finished_run_reports_it_and_changes_nothing(finished, mnist_root):
+def test_resuming_a_finished_run_reports_it_and_changes_nothing(finished, mnist_root, capsys):
     before = snapshot(finished)
-    proc = run_train([*_args(mnist_root), "resume=true"], finished)
-    refused(proc, "holds a finished run (ewc on permuted_mnist, seed 0: average accuracy", "nothing to resume")
+    phrases = ("holds a finished run (ewc on permuted_mnist, seed 0: average accuracy", "nothing to resume")
+    refused_here([*_args(mnist_root), "resume=true"], finished, capsys, *phrases)
     assert snapshot(finished) == before  # metrics.json (wall_time_s), train.log and .hydra/ included
 
 
@@ -167,10 +181,10 @@ def test_resuming_a_finished_run_reports_it_and_changes_nothing(finished, mnist_
     ],
     ids=["same settings", "another seed", "unfinished", "resume and overwrite"],
 )
-def test_a_folder_with_results_is_not_written_over(request, mnist_root, folder, overrides, phrases):
+def test_a_folder_with_results_is_not_written_over(request, mnist_root, folder, overrides, phrases, capsys):
     run = request.getfixturevalue(folder)
     before = snapshot(run)
-    refused(run_train([*_args(mnist_root), *overrides], run), *phrases)
+    refused_here([*_args(mnist_root), *overrides], run, capsys, *phrases)
     assert snapshot(run) == before
 
 

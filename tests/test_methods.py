@@ -337,11 +337,30 @@ def test_methods_resume_to_the_same_result(mnist_root, tmp_path, method):
     resumed = compose_run([*args, f"ckpt_path={ckpt}"], tmp_path / "resumed")
     assert resumed["accuracy_matrix"] == full["accuracy_matrix"]
     assert full["method"] == method
-    states = [
-        load_checkpoint(d / "checkpoints" / "task_2.ckpt")["callbacks"]
-        for d in (tmp_path / "full", tmp_path / "resumed")
-    ]
-    assert states[0].keys() == states[1].keys()
+    full_ckpt, resumed_ckpt = (
+        load_checkpoint(d / "checkpoints" / "task_2.ckpt") for d in (tmp_path / "full", tmp_path / "resumed")
+    )
+    # what was restored and trained on is what the uninterrupted run holds, tensor for tensor: the methods'
+    # state (importances, anchors, memories, old networks) and the weights
+    _assert_same(full_ckpt["callbacks"], resumed_ckpt["callbacks"], "callbacks")
+    _assert_same(full_ckpt["state_dict"], resumed_ckpt["state_dict"], "state_dict")
+
+
+def _assert_same(a, b, path: str) -> None:
+    """``a`` and ``b`` (nested dicts, lists and tensors) equal, every tensor to the bit; the wall time aside."""
+    if isinstance(a, dict):
+        assert a.keys() == b.keys(), path
+        for key in a:
+            if key != "elapsed_s":
+                _assert_same(a[key], b[key], f"{path}.{key}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            _assert_same(x, y, f"{path}[{i}]")
+    elif isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.shape == b.shape and torch.equal(a, b), path
+    else:
+        assert a == b, path
 
 
 def test_refuses_impossible_values():
