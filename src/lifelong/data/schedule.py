@@ -14,14 +14,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from lifelong.data.streams import TaskStream
-    from lifelong.data.tensors import TaskData
+from lifelong.data.tensors import TaskData
 
-# (stream, data, task, epoch_in_task) -> the samples this epoch trains on: DWA's curriculum, iCaRL's exemplars
-TrainingData = Callable[["TaskStream", "TaskData", int, int], "TaskData"]
+# (stream, data, task, epoch_in_task) -> the samples this epoch trains on: DWA's curriculum, iCaRL's exemplars.
+# The stream is the caller (a lifelong.data.TaskStream); not named here, which streams.py imports.
+TrainingData = Callable[..., TaskData]
 
 
 @dataclass(frozen=True)

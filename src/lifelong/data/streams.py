@@ -36,6 +36,7 @@ from lifelong.data.schedule import Step, StreamNeeds
 from lifelong.data.tensors import Augment, Batch, BatchTransform, TaskData, TensorBatchLoader
 from lifelong.data.transforms import channel_mean_std
 from lifelong.errors import ResumeError
+from lifelong.seeding import generator
 
 
 class TaskStream(L.LightningDataModule):
@@ -244,16 +245,17 @@ class TaskStream(L.LightningDataModule):
         """Apply ``max_train_samples`` / ``max_test_samples`` (seeded; the same rows for every task), then hold
         out ``val_fraction`` of each task's training samples (seeded by the seed and the task: the same split on
         every rank and in every process that rebuilds the stream, such as a resumed run)."""
-        for tasks, limit, salt in ((self._train, self.max_train_samples, 1), (self._test, self.max_test_samples, 2)):
+        for tasks, limit, purpose in (
+            (self._train, self.max_train_samples, "train_subset"),
+            (self._test, self.max_test_samples, "test_subset"),
+        ):
             if limit is not None:
                 for i, d in enumerate(tasks):
-                    tasks[i] = d.subset(int(limit), torch.Generator().manual_seed(self.seed * 31 + salt))
+                    tasks[i] = d.subset(int(limit), generator(self.seed, purpose))
         self._val = []
         if self.val_fraction > 0:
             for t, d in enumerate(self._train):
-                self._train[t], held_out = d.split(
-                    self.val_fraction, torch.Generator().manual_seed(self.seed * 8191 + t)
-                )
+                self._train[t], held_out = d.split(self.val_fraction, generator(self.seed, "val_split", task=t))
                 if len(held_out) == 0 or len(self._train[t]) == 0:
                     raise ValueError(
                         f"dataset.val_fraction={self.val_fraction} leaves task {t + 1} with {len(self._train[t])} "

@@ -14,6 +14,8 @@ from typing import NamedTuple, Protocol
 
 import torch
 
+from lifelong.seeding import generator as seeded
+
 
 class Batch(NamedTuple):
     """One batch of a stream: inputs, labels, each sample's task and, where asked for, its row.
@@ -200,7 +202,7 @@ class TensorBatchLoader:
     def _order(self) -> torch.Tensor:
         n = len(self.data)
         if self.shuffle:
-            g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+            g = seeded(self.seed, "shuffle", epoch=self.epoch)
             order = torch.randperm(n, generator=g)
         else:
             order = torch.arange(n)
@@ -217,8 +219,7 @@ class TensorBatchLoader:
         order = self._order().to(device)  # one small copy per epoch, none per batch
         generator = None
         if self.augment is not None:
-            generator = torch.Generator(device=device)
-            generator.manual_seed((self.seed * 1_000_003 + self.epoch) * 1009 + self.rank)
+            generator = seeded(self.seed, "augment", epoch=self.epoch, rank=self.rank, device=device)
         self.epoch += 1
         rows, tasks = data.rows[order], data.tasks[order]
         targets = self.targets

@@ -68,7 +68,7 @@ class AGEM(MemoryMethod):
 
     @override
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._generator = self.epoch_generator(trainer, pl_module.device, salt=4)
+        self._generator = self.epoch_generator(trainer, pl_module.device, "replay_reference")
 
     @override
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

@@ -80,8 +80,8 @@ class DarkExperienceReplay(MemoryMethod):
 
     @override
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._sample_gen = self.epoch_generator(trainer, pl_module.device, salt=5)
-        self._fill_gen = self.epoch_generator(trainer, pl_module.device, salt=6, per_rank=False)
+        self._sample_gen = self.epoch_generator(trainer, pl_module.device, "der_replay")
+        self._fill_gen = self.epoch_generator(trainer, pl_module.device, "replay_fill", per_rank=False)
 
     def _minibatch(self, module: ContinualModule, n: int) -> tuple[Batch, Tensor]:
         """A batch of ``n`` samples drawn from the memory, and their stored logits."""

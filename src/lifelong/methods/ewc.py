@@ -5,12 +5,12 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import lightning as L
-import torch
 from torch import Tensor
 
 from lifelong.methods.base import ContinualModule
 from lifelong.methods.fisher import FISHER_TYPES, fisher_sums
 from lifelong.methods.quadratic import QuadraticRegularizer, all_reduce_mean, check_strength, task_sample
+from lifelong.seeding import generator
 
 
 class EWC(QuadraticRegularizer):
@@ -76,12 +76,12 @@ class EWC(QuadraticRegularizer):
         """The diagonal Fisher of ``task``, over its training data (or ``num_samples`` of it)."""
         dm = module.stream
         data = task_sample(dm, task, self.num_samples)
-        generator = torch.Generator().manual_seed(dm.seed * 104_729 + task + trainer.global_rank)
+        labels = generator(dm.seed, "fisher_labels", task=task, rank=trainer.global_rank)
         sums = fisher_sums(
             module,  # type: ignore[arg-type]  # an nn.Module: ContinualModule is its view for methods
             dm.loader(data, train=False),
             self.fisher_type,
             params=params,  # type: ignore[arg-type]
-            generator=generator,
+            generator=labels,
         )
         return all_reduce_mean(trainer, sums.sums, sums.count)

@@ -47,7 +47,8 @@ from torch.nn.grad import conv2d_weight
 FisherType = Literal["empirical", "sampled", "exact", "weighted"]
 FISHER_TYPES: tuple[str, ...] = ("empirical", "sampled", "exact", "weighted")
 
-Batch = tuple[Any, ...]  # x, y, task: a lifelong.data.tensors.Batch (its rows are not used) or a plain tuple
+# what the estimators iterate over: lifelong.data.tensors.Batch (its rows are not used), or plain (x, y, task) tuples
+Batches = Iterable[tuple[Any, ...]]
 
 
 def _log_softmax(logits: Tensor) -> Tensor:
@@ -319,7 +320,7 @@ def _zeros(params: Mapping[str, nn.Parameter]) -> dict[str, Tensor]:
 
 def fisher_sums(
     model: nn.Module,
-    batches: Iterable[Batch],
+    batches: Batches,
     fisher_type: FisherType | str = "empirical",
     *,
     params: Mapping[str, nn.Parameter] | None = None,
@@ -379,7 +380,7 @@ def fisher_sums(
 
 def per_sample_loop_fisher(
     model: nn.Module,
-    batches: Iterable[Batch],
+    batches: Batches,
     fisher_type: FisherType | str = "empirical",
     *,
     params: Mapping[str, nn.Parameter] | None = None,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 
 import lightning as L
 import torch
@@ -10,7 +10,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
 from lifelong.methods.base import ContinualModule
-from lifelong.methods.fisher import Batch, FisherSums, PerSampleSums, call_model, per_sample_grad_powers
+from lifelong.methods.fisher import Batches, FisherSums, PerSampleSums, call_model, per_sample_grad_powers
 from lifelong.methods.quadratic import QuadraticRegularizer, all_reduce_mean, check_strength, task_sample
 
 
@@ -29,7 +29,7 @@ def _output_sq_norm(logits: Tensor) -> Tensor:
 
 
 def mas_sums(
-    model: nn.Module, batches: Iterable[Batch], *, params: Mapping[str, nn.Parameter] | None = None
+    model: nn.Module, batches: Batches, *, params: Mapping[str, nn.Parameter] | None = None
 ) -> FisherSums:
     """Sums over samples of ``|d ||f(x_n)||^2 / d theta|``, per sample and vectorised (as the Fisher is).
 
@@ -70,7 +70,7 @@ def mas_sums(
 
 
 def per_sample_loop_mas(
-    model: nn.Module, batches: Iterable[Batch], *, params: Mapping[str, nn.Parameter] | None = None
+    model: nn.Module, batches: Batches, *, params: Mapping[str, nn.Parameter] | None = None
 ) -> FisherSums:
     """The same sums by one backward pass per sample: the reference `mas_sums` is tested against."""
     if params is None:

@@ -20,6 +20,7 @@ from lifelong.data.streams import TaskStream
 from lifelong.data.tensors import TaskData
 from lifelong.errors import ResumeError
 from lifelong.methods.base import ContinualMethod, ContinualModule, log_now, refuse_sharded
+from lifelong.seeding import generator
 
 MODES = ("separate", "online")
 
@@ -225,7 +226,7 @@ def task_sample(stream: TaskStream, task: int, num_samples: int | None) -> TaskD
     """The finished task's training data to estimate importances on: all of it, or a seeded random subset."""
     data = stream.train_data(task)
     if num_samples is not None:
-        data = data.subset(num_samples, torch.Generator().manual_seed(stream.seed * 7919 + task))
+        data = data.subset(num_samples, generator(stream.seed, "importance_subset", task=task))
     return data
 
 

@@ -13,6 +13,7 @@ from typing_extensions import override
 from lifelong.data.streams import stream_of
 from lifelong.data.tensors import Batch
 from lifelong.methods.base import ContinualMethod, ContinualModule
+from lifelong.seeding import generator
 
 POLICIES = ("reservoir", "class_balanced")
 
@@ -167,17 +168,20 @@ class MemoryMethod(ContinualMethod):
         self.buffer.to(pl_module.device)
 
     @staticmethod
-    def epoch_generator(trainer: L.Trainer, device: torch.device, salt: int, per_rank: bool = True) -> torch.Generator:
-        """A generator on ``device`` for this epoch's draws; ``per_rank=False``: the same on every rank."""
+    def epoch_generator(
+        trainer: L.Trainer, device: torch.device, purpose: str, per_rank: bool = True
+    ) -> torch.Generator:
+        """A generator on ``device`` for this epoch's ``purpose`` (:mod:`lifelong.seeding`); ``per_rank=False``: the
+        same on every rank."""
         seed, epoch = stream_of(trainer).seed, trainer.current_epoch
         rank = trainer.global_rank if per_rank else 0
-        return torch.Generator(device=device).manual_seed(((seed * 1_000_003 + epoch) * 1009 + rank) * 7 + salt)
+        return generator(seed, purpose, epoch=epoch, rank=rank, device=device)
 
     @staticmethod
     def task_order(seed: int, task: int, n: int) -> Tensor:
         """A permutation of a task's ``n`` training samples, seeded by the stream and the task: the same on every
         rank and after resume."""
-        return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 65_537 + task))
+        return torch.randperm(n, generator=generator(seed, "memory_order", task=task))
 
     @override
     def state_dict(self) -> dict[str, Any]:
@@ -233,7 +237,7 @@ class ExperienceReplay(MemoryMethod):
 
     @override
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._generator = self.epoch_generator(trainer, pl_module.device, salt=3)
+        self._generator = self.epoch_generator(trainer, pl_module.device, "replay")
 
     @override
     def on_task_end(self, trainer: L.Trainer, module: ContinualModule, task: int, last: bool) -> None:
@@ -245,7 +249,7 @@ class ExperienceReplay(MemoryMethod):
         classes = data.tasks * (int(data.labels.max()) + 1) + data.labels[data.rows]  # (task, label) pairs
         order = self.task_order(dm.seed, task, len(data))
         rows, tasks, classes = (t.cpu()[order] for t in (data.rows, data.tasks, classes))
-        self.buffer.add(rows, tasks, classes, torch.Generator().manual_seed(dm.seed * 31_337 + task))
+        self.buffer.add(rows, tasks, classes, generator(dm.seed, "memory_fill", task=task))
         self.buffer.to(module.device)
 
     @override

@@ -39,6 +39,7 @@ from lifelong.methods.dwa.layers import check_gate, triplet
 from lifelong.methods.dwa.net import DWANet
 from lifelong.methods.fisher import fisher_sums
 from lifelong.methods.quadratic import all_reduce_mean, task_sample
+from lifelong.seeding import generator
 
 
 class DWA(ContinualMethod):
@@ -283,7 +284,7 @@ class DWA(ContinualMethod):
         easy = (zeta < self.anchor_threshold).nonzero().squeeze(1)
         if easy.numel() == 0:  # every sample is complex: the simplest ones
             easy = zeta.argsort()[: self.anchor_samples]
-        g = torch.Generator().manual_seed((stream.seed * 1_000_003 + epoch) * 31 + 17)
+        g = generator(stream.seed, "dwa_anchor_samples", task=task, epoch=epoch)
         pick = easy[torch.randperm(easy.numel(), generator=g)[: self.anchor_samples].to(easy.device)].sort().values
         return TaskData(data.images, data.labels, data.rows[pick], data.tasks[pick], data.task)
 
@@ -328,7 +329,7 @@ class DWA(ContinualMethod):
         with _eval(module):
             pos = self._mean_embedding(trainer, module, dm, data)
             unit = pos / pos.norm().clamp_min(1e-12)
-            g = torch.Generator().manual_seed((dm.seed * 1_000_003 + epoch) * 31 + 23)
+            g = generator(dm.seed, "dwa_negative_search", task=task, epoch=epoch)
             best: tuple[float, Tensor] | None = None
             for _ in range(self.negative_searches):
                 v = torch.randn(pos.shape, generator=g).to(pos)
