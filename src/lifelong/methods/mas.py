@@ -28,9 +28,7 @@ def _output_sq_norm(logits: Tensor) -> Tensor:
     return out.square().sum(-1)
 
 
-def mas_sums(
-    model: nn.Module, batches: Batches, *, params: Mapping[str, nn.Parameter] | None = None
-) -> FisherSums:
+def mas_sums(model: nn.Module, batches: Batches, *, params: Mapping[str, nn.Parameter] | None = None) -> FisherSums:
     """Sums over samples of ``|d ||f(x_n)||^2 / d theta|``, per sample and vectorised (as the Fisher is).
 
     For ``nn.Linear`` the magnitude of sample n's weight gradient ``g_n a_n^T`` is ``|g_n| |a_n|^T``, so the
