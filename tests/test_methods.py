@@ -342,7 +342,11 @@ def test_methods_resume_to_the_same_result(mnist_root, tmp_path, method):
     )
     # what was restored and trained on is what the uninterrupted run holds, tensor for tensor: the methods'
     # state (importances, anchors, memories, old networks) and the weights
-    _assert_same(full_ckpt["callbacks"], resumed_ckpt["callbacks"], "callbacks")
+    states = [
+        {k: v for k, v in c["callbacks"].items() if not k.startswith("ModelCheckpoint")}  # (its own paths)
+        for c in (full_ckpt, resumed_ckpt)
+    ]
+    _assert_same(*states, "callbacks")
     _assert_same(full_ckpt["state_dict"], resumed_ckpt["state_dict"], "state_dict")
 
 
@@ -358,7 +362,8 @@ def _assert_same(a, b, path: str) -> None:
         for i, (x, y) in enumerate(zip(a, b, strict=True)):
             _assert_same(x, y, f"{path}[{i}]")
     elif isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor) and a.shape == b.shape and torch.equal(a, b), path
+        assert isinstance(b, torch.Tensor), path
+        torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True, msg=path)  # unmeasured rows are NaN
     else:
         assert a == b, path
 
