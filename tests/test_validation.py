@@ -50,8 +50,11 @@ def test_permuted_tasks_hold_out_their_own_rows_and_limits_apply_first(mnist_roo
     dm = _ready(
         PermutedStream(num_tasks=2, root=str(mnist_root), download=False, val_fraction=0.2, max_train_samples=1000)
     )
-    assert [len(dm.train_data(t)) for t in range(2)] == [800, 800]
-    assert [len(dm.val_data(t)) for t in range(2)] == [200, 200]
+    for t in range(2):  # the 1,000 kept first, then 20 % of each digit of them held out (rounded per digit)
+        digits = torch.bincount(dm.train_data(t).labels[torch.cat([dm.train_data(t).rows, dm.val_data(t).rows])])
+        held_out = sum(max(1, round(0.2 * int(n))) for n in digits)
+        assert (len(dm.train_data(t)), len(dm.val_data(t))) == (1000 - held_out, held_out)
+        assert abs(held_out - 200) <= 5
     assert not torch.equal(dm.val_data(0).rows, dm.val_data(1).rows)  # each task draws its own split
 
 
