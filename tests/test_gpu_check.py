@@ -13,7 +13,7 @@ import torch
 from tests.conftest import REPO
 
 
-@pytest.mark.integration
+@pytest.mark.slow  # 36 s of 8 runs and a benchmark: `make test-all` (and every GPU session's make gpu-check) runs it
 def test_the_gpu_check_dry_run_writes_its_report(tmp_path, mnist_root):
     report = tmp_path / "report.md"
     cmd = [sys.executable, str(REPO / "scripts" / "gpu_check.py"), "--dry-run", "--report", str(report)]

@@ -347,23 +347,29 @@ def test_methods_resume_to_the_same_result(mnist_root, tmp_path, method):
         for c in (full_ckpt, resumed_ckpt)
     ]
     _assert_same(*states, "callbacks")
-    _assert_same(full_ckpt["state_dict"], resumed_ckpt["state_dict"], "state_dict")
+    # HAT's weights are not bit-reproducible even between two uninterrupted runs (scripts/golden.py reports its
+    # final weights' digest differing with the same matrices): its weights within float round-off
+    exact = name != "hat"
+    _assert_same(full_ckpt["state_dict"], resumed_ckpt["state_dict"], "state_dict", exact)
 
 
-def _assert_same(a, b, path: str) -> None:
-    """``a`` and ``b`` (nested dicts, lists and tensors) equal, every tensor to the bit; the wall time aside."""
+def _assert_same(a, b, path: str, exact: bool = True) -> None:
+    """``a`` and ``b`` (nested dicts, lists and tensors) equal, every tensor to the bit (``exact``, else within float32
+    round-off); the wall time aside."""
     if isinstance(a, dict):
         assert a.keys() == b.keys(), path
         for key in a:
             if key != "elapsed_s":
-                _assert_same(a[key], b[key], f"{path}.{key}")
+                _assert_same(a[key], b[key], f"{path}.{key}", exact)
     elif isinstance(a, (list, tuple)):
         assert len(a) == len(b), path
         for i, (x, y) in enumerate(zip(a, b, strict=True)):
-            _assert_same(x, y, f"{path}[{i}]")
+            _assert_same(x, y, f"{path}[{i}]", exact)
     elif isinstance(a, torch.Tensor):
         assert isinstance(b, torch.Tensor), path
-        torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True, msg=path)  # unmeasured rows are NaN
+        tolerance = {"rtol": 0.0, "atol": 0.0} if exact else {"rtol": 1e-5, "atol": 1e-6}
+        # unmeasured rows (and classes without exemplars) are NaN on both sides
+        torch.testing.assert_close(a, b, **tolerance, equal_nan=True, msg=lambda m: f"{path}: {m}")
     else:
         assert a == b, path
 
