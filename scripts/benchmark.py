@@ -106,13 +106,19 @@ def fmt(best_median: tuple[float, float], unit: str = "s") -> str:
 
 # ---- training steps ------------------------------------------------------------------------------------
 class _EpochTimer(L.Callback):
+    """An epoch's training steps: from its start to the end of its last step, before the module's own
+    ``on_train_batch_end`` (callbacks' hooks run first) evaluates the task that ends there - the minimal loops
+    do not evaluate either."""
+
     def on_train_epoch_start(self, *args: object) -> None:
         sync()
         self.start = time.perf_counter()
 
-    def on_train_epoch_end(self, *args: object) -> None:
-        sync()
-        self.seconds = time.perf_counter() - self.start
+    def on_train_batch_end(self, trainer: L.Trainer, *args: object) -> None:
+        batch_idx = args[-1]
+        if batch_idx == trainer.num_training_batches - 1:
+            sync()
+            self.seconds = time.perf_counter() - self.start
 
 
 def _stream(root: str | None, num_tasks: int = 1) -> PermutedStream:
