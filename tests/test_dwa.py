@@ -38,7 +38,7 @@ def test_masked_linear_is_the_per_sample_product():
     torch.testing.assert_close(out, expected)
     # the dense mask is the gated outer product of the two generated factors
     f1, f2 = factor_pair(72)
-    assert (f1, f2) == (9, 8) and layer.factors == (9, 8)  # f1: the largest divisor <= sqrt(72) + 1
+    assert (f1, f2) == (9, 8) and layer.factors_shape == (9, 8)  # f1: the largest divisor <= sqrt(72) + 1
     u, v = layer.gen1(net.embedding), layer.gen2(net.embedding)  # (B, f1), (B, f2)
     for b in range(5):
         torch.testing.assert_close(masks[b], torch.tanh(torch.outer(v[b], u[b]).reshape(6, 12)))
@@ -65,6 +65,47 @@ def test_masked_conv_is_the_per_sample_convolution(chunk):
     (logits.sum() + sum(a.sum() for a in net.context.activity)).backward()
     for p in (conv.weight, conv.gen.weight, dense.gen1.weight, net.processor.layers[1].weight):
         assert p.grad is not None and p.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("model", ["mlp", "cnn"])
+def test_factored_masks_are_the_per_sample_product_without_forming_it(model):
+    """``mask_form=factored``: ``(W * a c^T) x = a * (W (c * x))``; its loss terms from the two gates alone."""
+    if model == "mlp":
+        net = _net(MLP((1, 4, 4), 5, hidden_sizes=[12, 6]), (1, 4, 4), emb_size=7, mask_form="factored")
+        x = torch.randn(5, 1, 4, 4)
+    else:
+        net = _net(CNN((1, 12, 12), 4, channels=[3, 5], hidden_size=8), (1, 12, 12), mask_form="factored")
+        x = torch.randn(5, 1, 12, 12)
+    layer = net.masked[0]
+    layer.importance = torch.rand_like(layer.weight)
+    seen = []
+    layer.register_forward_hook(lambda m, i, o: seen.append((i[0], o)))
+    net.train()
+    net(x)
+    a, out = seen[0]
+    masks = layer.mask(net.embedding)
+    assert masks.shape == (5, *layer.weight.shape) and masks.min() >= -1
+    torch.testing.assert_close(out, layer.masked_call(a, layer.weight * masks), rtol=1e-5, atol=1e-5)
+    flat = masks.flatten(1)
+    torch.testing.assert_close(net.context.attention[0], flat.abs() @ layer.importance.flatten(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(net.context.activity[0], flat.relu().mean(1), rtol=1e-5, atol=1e-6)
+
+
+def test_task_context_gives_each_task_its_own_masks_and_gradients():
+    """``context=task``: a sample's processor and generators are its task's; the others get zero gradients."""
+    net = _net(MLP((1, 4, 4), 5, hidden_sizes=[12, 6]), (1, 4, 4), emb_size=7, context="task", num_tasks=3)
+    net.train()
+    x, task = torch.randn(4, 1, 4, 4), torch.tensor([0, 2, 0, 2])
+    net(x, task).sum().backward()
+    (layer,) = net.masked
+    for copies in (net.processor.copies, layer.gen1.copies):
+        grads = [sum(p.grad.abs().sum() for p in c.parameters()) for c in copies]
+        assert grads[0] > 0 and grads[1] == 0 and grads[2] > 0
+    with torch.no_grad():  # sample 0 alone with task 0: the same as in the mixed batch
+        alone = net.masks(x[:1], torch.tensor([0]))[0]
+        mixed = net.masks(x, task)[0]
+    torch.testing.assert_close(alone[0], mixed[0])
+    assert not torch.allclose(net.masks(x[:1], torch.tensor([1]))[0], alone)
 
 
 def test_stem_processor_and_refusals():
@@ -125,7 +166,7 @@ def test_triplet_and_mask_losses_by_hand():
     torch.testing.assert_close(attention, (masks.abs() * fisher).sum((1, 2)))  # sum_i F_i |M_b,i|
     torch.testing.assert_close(activity, masks.clamp_min(0).mean((1, 2)))  # the soft active fraction
 
-    dwa = DWA(lambda_emb=2.0, lambda_attention=3.0, lambda_sparsity=5.0, sparsity=0.01, margin=1.0)
+    dwa = DWA(lambda_emb=2.0, lambda_attention=3.0, lambda_sparsity=5.0, sparsity_target=0.01, margin=1.0)
     dwa.anchors = {"pos": torch.zeros(5), "neg": torch.ones(5), "task_neg": -torch.ones(5)}
     holder = nn.Module()
     holder.net, holder.current_task, holder.trainer = net, 1, _Trainer()
@@ -136,6 +177,21 @@ def test_triplet_and_mask_losses_by_hand():
     )
     expected = 2.0 * emb_term.mean() + 3.0 * attention.mean() + 5.0 * (activity - 0.01).clamp_min(0).mean()
     torch.testing.assert_close(got, expected)
+
+
+def test_the_codes_sparsity_counts_the_inactive_fraction():
+    """``sparsity=code``: the original code's default term, ``[mean_i (1 - |M_b,i|) - mu]_+`` per sample."""
+    net = _net(MLP((1, 2, 2), 3, hidden_sizes=[4, 3]), (1, 2, 2), emb_size=5, sparsity="code")
+    (layer,) = net.masked
+    net.train()
+    net(torch.randn(4, 1, 2, 2))
+    masks = layer.mask(net.embedding)
+    (activity,) = net.context.activity
+    torch.testing.assert_close(activity, (1 - masks.abs()).mean((1, 2)))
+    with pytest.raises(ValueError, match=r"method\.sparsity_target"):
+        DWA(sparsity=0.2)  # the old meaning of sparsity=: the message names where mu went
+    with pytest.raises(ValueError, match=r"one of \['paper', 'code'\]"):
+        DWA(sparsity="binary")
 
 
 class _Trainer:

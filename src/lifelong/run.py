@@ -212,7 +212,9 @@ def train_stream(
 
 
 @torch.no_grad()
-def evaluate(module: ContinualClassifier, stream: TaskStream, after_task: int | None = None) -> list[float]:
+def evaluate(
+    module: ContinualClassifier, stream: TaskStream, after_task: int | None = None, tasks: Sequence[int] | None = None
+) -> list[float]:
     """Test accuracy on every task of ``stream`` (set up), as the stream's validation measures it.
 
     Args:
@@ -220,9 +222,11 @@ def evaluate(module: ContinualClassifier, stream: TaskStream, after_task: int | 
         stream: the stream it was trained on.
         after_task: the last task trained (0-based), which sets the class scenario's head; default: the
             module's ``current_task``.
+        tasks: the tasks to test (0-based); default: all of them.
 
     Returns:
-        One accuracy per task, in [0, 1]: a row of the accuracy matrix (ranked by `ContinualClassifier.predict`).
+        One accuracy per task (of ``tasks``), in [0, 1]: a row of the accuracy matrix (ranked by
+        `ContinualClassifier.predict`).
     """
     was_training = module.training
     module.eval()
@@ -232,7 +236,7 @@ def evaluate(module: ContinualClassifier, stream: TaskStream, after_task: int | 
     stream.to(device)
     row = []
     try:
-        for j in range(stream.num_tasks):
+        for j in range(stream.num_tasks) if tasks is None else tasks:
             metric = MulticlassAccuracy(module.num_classes, average="micro").to(device)
             for x, y, task, _ in stream.loader(stream.test_data(j), train=False):
                 metric.update(module.predict(x, task).argmax(-1), y)

@@ -35,8 +35,10 @@ from lifelong.methods.base import (
     wrapped_net,
 )
 from lifelong.methods.dwa.curriculum import Curriculum
-from lifelong.methods.dwa.layers import check_gate, triplet
+from lifelong.methods.dwa.held import HeldMasks
+from lifelong.methods.dwa.layers import CONTEXTS, MASK_FORMS, check_choice, check_gate, triplet
 from lifelong.methods.dwa.net import DWANet
+from lifelong.methods.dwa.options import check_options
 from lifelong.methods.fisher import fisher_sums
 from lifelong.methods.quadratic import all_reduce_mean, task_sample
 from lifelong.seeding import generator
@@ -67,7 +69,8 @@ class DWA(ContinualMethod):
       the earlier tasks' Fishers (the paper's running merge).
     * $R_{sp,j} = [\frac{1}{|M_j|} \sum_i a(M_{b,i}) - \mu]_+$, where the soft activity $a$ is
       $\max(M, 0)$ for tanh masks ($M$ for sigmoid ones): the paper's fraction of active mask
-      entries, $\mathbb{1}(H > 0)$, in the gate's saturated limit, with a gradient towards sparse masks.
+      entries, $\mathbb{1}(H > 0)$, in the gate's saturated limit, with a gradient towards sparse masks
+      (``sparsity="code"``: $a(M) = 1 - |M|$, the original code's).
 
     The curriculum (``curriculum``) trains each epoch only on the task's samples with
     $\zeta \le \min(1, s + (1 - s)\,e / E_c)$ at epoch $e$ of the task; the warm-up divides the
@@ -87,7 +90,10 @@ class DWA(ContinualMethod):
         lambda_emb: $\lambda_1$ (20).
         lambda_attention: $\lambda_2$ (0.1).
         lambda_sparsity: $\lambda_3$ (500).
-        sparsity: $\mu$, the fraction of active mask entries allowed without penalty (0.2).
+        sparsity: the sparsity term's form: ``"paper"`` (the active fraction above, Eq. 6) or ``"code"`` (the
+            original code's default, the *inactive* fraction ``mean_i (1 - |M_b,i|)`` in place of the active
+            one: its published runs used it); see `mask_activity`.
+        sparsity_target: $\mu$, the fraction allowed without penalty (0.2).
         margin: the triplet margin $\alpha$ (1.5).
         delta: $\delta$, the weight of the earlier tasks' anchor (1).
         anchor_first_task: apply $L_{emb}$ on the first task too.
@@ -100,6 +106,11 @@ class DWA(ContinualMethod):
         warmup_epochs: epochs of reduced learning rate at the start of every task (0: none).
         warmup_divisor: the learning rate's divisor during them (750).
         fisher_samples: samples of a finished task to estimate the Fisher on (seeded); ``None`` for all.
+        mask_form: ``"full"`` (the paper's) or ``"factored"`` (see `DWANet`).
+        context: ``"shared"`` (the paper's) or ``"task"`` (see `DWANet`).
+        protection: ``"soft"`` (the paper's: the losses above only) or ``"hard"``: what a finished task's binary
+            masks use is held (see `HeldMasks`; sigmoid gates, ``reset_optimizer=true``).
+        s_max: the largest slope of the annealed gate (``protection="hard"``; 400, HAT's).
     """
 
     name = "dwa"
@@ -114,7 +125,8 @@ class DWA(ContinualMethod):
         lambda_emb: float = 20.0,
         lambda_attention: float = 0.1,
         lambda_sparsity: float = 500.0,
-        sparsity: float = 0.2,
+        sparsity: str = "paper",
+        sparsity_target: float = 0.2,
         margin: float = 1.5,
         delta: float = 1.0,
         anchor_first_task: bool = False,
@@ -129,41 +141,18 @@ class DWA(ContinualMethod):
         fisher_samples: int | None = None,
         chunk_elements: int = 2**24,
         paper_init: bool = True,
+        mask_form: str = "full",
+        context: str = "shared",
+        protection: str = "soft",
+        s_max: float = 400.0,
     ) -> None:
         super().__init__()
-        for key, value in (
-            ("lambda_emb", lambda_emb),
-            ("lambda_attention", lambda_attention),
-            ("lambda_sparsity", lambda_sparsity),
-            ("margin", margin),
-            ("delta", delta),
-        ):
-            if not value >= 0:  # also refuses NaN
-                raise ValueError(f"method.{key} must be >= 0, got {value}")
-        for key, value in (("sparsity", sparsity), ("anchor_threshold", anchor_threshold)):
-            if not 0 <= value <= 1:
-                raise ValueError(f"method.{key} must be in [0, 1], got {value}")
-        if not 0 <= curriculum_start <= 1:
-            raise ValueError(f"method.curriculum_start must be in [0, 1], got {curriculum_start}")
-        for key, count in (
-            ("emb_size", emb_size),
-            ("anchor_samples", anchor_samples),
-            ("negative_searches", negative_searches),
-            ("curriculum_epochs", curriculum_epochs),
-            ("chunk_elements", chunk_elements),
-        ):
-            if int(count) < 1:
-                raise ValueError(f"method.{key} must be at least 1, got {count}")
-        if len(processor_features) != 2 or min(int(f) for f in processor_features) < 1:
-            raise ValueError(f"method.processor_features must be two widths [F_B, F_E], got {processor_features}")
-        if int(warmup_epochs) < 0 or not warmup_divisor >= 1:
-            raise ValueError(
-                f"method.warmup_epochs must be >= 0 and method.warmup_divisor >= 1, got {warmup_epochs}, "
-                f"{warmup_divisor}"
-            )
-        if fisher_samples is not None and fisher_samples < 1:
-            raise ValueError(f"method.fisher_samples must be a positive number or null, got {fisher_samples}")
+        check_options(locals())
         check_gate(gate)
+        self.hard = check_choice("protection", protection, ("soft", "hard")) == "hard"
+        if self.hard and gate != "sigmoid":
+            raise ValueError("method.protection=hard needs method.gate=sigmoid: its test masks are 1(raw > 0)")
+        self.held = HeldMasks(s_max)
         self.net_options: dict[str, Any] = {
             "stem_layers": int(stem_layers),
             "emb_size": int(emb_size),
@@ -171,11 +160,15 @@ class DWA(ContinualMethod):
             "gate": gate,
             "chunk_elements": int(chunk_elements),
             "paper_init": bool(paper_init),
+            "sparsity": sparsity,
+            "mask_form": check_choice("mask_form", mask_form, MASK_FORMS),
+            "context": check_choice("context", context, CONTEXTS),
+            "binary": self.hard,
         }
         self.lambda_emb = float(lambda_emb)
         self.lambda_attention = float(lambda_attention)
         self.lambda_sparsity = float(lambda_sparsity)
-        self.sparsity = float(sparsity)
+        self.sparsity_target = float(sparsity_target)
         self.margin = float(margin)
         self.delta = float(delta)
         self.anchor_first_task = bool(anchor_first_task)
@@ -196,7 +189,7 @@ class DWA(ContinualMethod):
     @override
     def configure_network(self, net: nn.Module, stream: TaskStream) -> nn.Module:
         require_task_scenario("dwa", stream, "its heads are per task, as in the paper")
-        return DWANet(net, stream.input_shape, **self.net_options)
+        return DWANet(net, stream.input_shape, num_tasks=stream.num_tasks, **self.net_options)
 
     def _net(self, module: L.LightningModule | ContinualModule) -> DWANet:
         return wrapped_net(module, DWANet, "dwa")
@@ -218,6 +211,11 @@ class DWA(ContinualMethod):
         """Before the fit: check the network and the strategy."""
         self._net(pl_module)
         refuse_sharded("dwa", trainer)
+        if (self.hard or self.net_options["context"] == "task") and not module_of(pl_module).reset_optimizer:
+            raise ValueError(
+                "method=dwa with protection=hard or context=task needs reset_optimizer=true: momentum from a task "
+                "would move the weights it holds"
+            )
 
     @override
     def training_data(self, stream: TaskStream, data: TaskData, task: int, epoch_in_task: int) -> TaskData:
@@ -231,7 +229,22 @@ class DWA(ContinualMethod):
         self.task_anchors = [a.to(device) for a in self.task_anchors]
         self.anchors = {k: a.to(device) for k, a in self.anchors.items()}
         self.fisher = {k: f.to(device) for k, f in self.fisher.items()}
+        self.held.to(device)
         self._install_fisher(module_of(pl_module))
+
+    @override
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        """With ``protection=hard``: the gate's slope, annealed within the epoch."""
+        if self.hard:
+            self._net(pl_module).context.slope = self.held.slope(batch_idx, trainer.num_training_batches)
+
+    @override
+    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any) -> None:
+        """With ``protection=hard``: no gradient reaches what the finished tasks' masks use."""
+        if self.hard:
+            self.held.block(self._net(pl_module))
 
     @override
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -256,6 +269,8 @@ class DWA(ContinualMethod):
         """Store the finished task's anchor and merge its Fisher (not after the last task: nothing uses them)."""
         if last:
             return
+        if self.hard:
+            module.log_event({"dwa/weights_held": self.held.record(trainer, module, self._net(module), task)})
         dm = stream_of(trainer)
         samples = self._anchor_data(dm, task, trainer.current_epoch)
         with _eval(module), torch.no_grad():
@@ -371,7 +386,7 @@ class DWA(ContinualMethod):
         if ctx.attention:
             terms["attention"] = self.lambda_attention * torch.stack([a.mean() for a in ctx.attention]).sum()
         if ctx.activity:
-            over = torch.stack([(a - self.sparsity).clamp_min(0).mean() for a in ctx.activity]).sum()
+            over = torch.stack([(a - self.sparsity_target).clamp_min(0).mean() for a in ctx.activity]).sum()
             terms["sparsity"] = self.lambda_sparsity * over
             if log_now(module.trainer):
                 module.log("dwa/activity", torch.stack([a.mean() for a in ctx.activity]).mean())
@@ -392,11 +407,13 @@ class DWA(ContinualMethod):
             "num_fishers": self.num_fishers,
             "curriculum": dict(self.curriculum.position),
             "net_options": dict(self.net_options),
+            "held": self.held.state_dict(),
         }
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        saved = state_dict.get("net_options", self.net_options)
+        older = {"sparsity": "paper", "mask_form": "full", "context": "shared", "binary": False}  # the paper's
+        saved = {**older, **state_dict.get("net_options", self.net_options)}
         if saved != self.net_options:
             raise ResumeError(
                 f"the checkpoint's DWA network was built with {saved}, this run's with {self.net_options}: "
@@ -407,6 +424,8 @@ class DWA(ContinualMethod):
         self.fisher = dict(state_dict["fisher"])
         self.num_fishers = int(state_dict["num_fishers"])
         self.curriculum.position = dict(state_dict.get("curriculum", {}))
+        if "held" in state_dict:
+            self.held.load_state_dict(state_dict["held"])
 
 
 @contextlib.contextmanager

@@ -11,7 +11,18 @@ import torch
 from torch import Tensor, nn
 
 from lifelong.methods.base import refuse_normalisation
-from lifelong.methods.dwa.layers import MaskedConv2d, MaskedLinear, _Context, _MaskedLayer, check_gate
+from lifelong.methods.dwa.layers import (
+    CONTEXTS,
+    MaskedConv2d,
+    MaskedLinear,
+    MaskOptions,
+    PerTask,
+    _Context,
+    _MaskedLayer,
+    check_choice,
+    check_gate,
+    check_sparsity,
+)
 
 
 class ContextProcessor(nn.Module):
@@ -74,6 +85,14 @@ class DWANet(nn.Module):
         emb_size: the embedding's size.
         processor_features: ``(F_B, F_E)``, the processor's widths.
         gate: ``"tanh"`` (the paper) or ``"sigmoid"`` (the code's default) for masks and embedding.
+        sparsity: what the sparsity term counts as a mask's activity, ``"paper"`` or ``"code"`` (see
+            `mask_activity`).
+        mask_form: ``"full"`` (the paper's generators) or ``"factored"`` (an output gate times an input gate per
+            sample: see `_MaskedLayer`).
+        context: ``"shared"`` (the paper's: one processor and one set of generators for every task) or ``"task"``
+            (one of each per task, picked by the sample's task: a finished task's masks cannot change).
+        num_tasks: the stream's tasks (for ``context="task"``).
+        binary: binary masks ``1(raw > 0)`` in eval mode (what ``protection=hard`` tests with).
         chunk_elements: the most mask entries (``B x |W|``) one layer computes at once (see
             `_MaskedLayer`).
         paper_init: initialise the network's layers as the paper does: He-normal for convolutions,
@@ -92,9 +111,16 @@ class DWANet(nn.Module):
         gate: str = "tanh",
         chunk_elements: int = 2**24,
         paper_init: bool = True,
+        sparsity: str = "paper",
+        mask_form: str = "full",
+        context: str = "shared",
+        num_tasks: int = 1,
+        binary: bool = False,
     ) -> None:
         super().__init__()
         check_gate(gate)
+        check_sparsity(sparsity)
+        per_task = check_choice("context", context, CONTEXTS) == "task"
         refuse_normalisation("dwa", net)
         named = [(n, m) for n, m in net.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
         if not 0 <= stem_layers <= len(named) - 2:
@@ -113,14 +139,21 @@ class DWANet(nn.Module):
         self.stem_layers = int(stem_layers)
         self.gate = gate
         feature_shape = _input_shape_of(net, named[stem_layers][1], input_shape)
-        self.processor = ContextProcessor(feature_shape, emb_size, processor_features, gate)
+        self.binary = bool(binary)
+        self.processor: nn.Module = (
+            PerTask(lambda: ContextProcessor(feature_shape, emb_size, processor_features, gate), int(num_tasks))
+            if per_task
+            else ContextProcessor(feature_shape, emb_size, processor_features, gate)
+        )
+        options = MaskOptions(emb_size, gate, chunk_elements, sparsity, mask_form, int(num_tasks) if per_task else 0)
         self.masked: list[_MaskedLayer] = []  # in `net` already (each replaced its layer there)
         for name, layer in named[stem_layers:-1]:
             kind = MaskedConv2d if isinstance(layer, nn.Conv2d) else MaskedLinear
-            new = kind(layer, self.context, emb_size, gate, chunk_elements)  # type: ignore[arg-type]
+            new = kind(layer, self.context, options)  # type: ignore[arg-type]
             _replace(net, name, new)
             self.masked.append(new)
         self.masked_names = [name for name, _ in named[stem_layers:-1]]
+        self._plain = ([m for _, m in named[:stem_layers]], named[-1][1])  # a tuple: not submodules (in `net`)
         self.masked[0].register_forward_pre_hook(self._embed)
         self.embedding: Tensor | None = None  # the last forward pass's E (with its graph while training)
 
@@ -129,6 +162,10 @@ class DWANet(nn.Module):
         features = inputs[0]
         if ctx.injected is not None:
             ctx.emb = ctx.injected.to(features).expand(features.shape[0], -1)
+        elif isinstance(self.processor, PerTask):
+            if ctx.task is None:
+                raise RuntimeError("a DWA network with method.context=task needs each sample's task")
+            ctx.emb = self.processor(features, ctx.task.to(features.device).expand(features.shape[0]))
         else:
             ctx.emb = self.processor(features)
         self.embedding = ctx.emb
@@ -145,18 +182,35 @@ class DWANet(nn.Module):
     def forward(self, x: Tensor, task: Tensor | None = None) -> Tensor:
         ctx = self.context
         ctx.collect = self.training and torch.is_grad_enabled()
+        ctx.binary = self.binary and not self.training
         ctx.attention, ctx.activity = [], []
+        ctx.task = None if task is None else torch.as_tensor(task, device=x.device).expand(x.shape[0])
         try:
             return cast(Tensor, self.net(x))
         finally:
             ctx.emb = None
 
-    def masks(self, x: Tensor) -> list[Tensor]:
+    def components(self) -> dict[str, list[nn.Parameter]]:
+        """The network's parameters by their role: ``stem``, ``processor``, ``generators`` (the masks'),
+        ``masked`` (the masked layers' own weights and biases) and ``heads`` (the output layer)."""
+        stem, output = self._plain
+        return {
+            "stem": [p for m in stem for p in m.parameters()],
+            "processor": list(self.processor.parameters()),
+            "generators": [p for layer in self.masked for c in layer.children() for p in c.parameters()],
+            "masked": [p for layer in self.masked for p in layer.parameters(recurse=False)],
+            "heads": list(output.parameters()),
+        }
+
+    def masks(self, x: Tensor, task: Tensor | None = None) -> list[Tensor]:
         """Each masked layer's per-sample masks for inputs ``x``, ``(B, *weight.shape)`` (for inspection)."""
         with torch.no_grad():
-            self.forward(x)
+            self.forward(x, task)
             assert self.embedding is not None
-            return [layer.mask(self.embedding) for layer in self.masked]
+            ctx = self.context
+            ctx.binary = self.binary and not self.training
+            ctx.task = None if task is None else torch.as_tensor(task, device=x.device).expand(x.shape[0])
+            return [layer.mask(self.embedding, ctx.task) for layer in self.masked]
 
 
 def _replace(root: nn.Module, name: str, new: nn.Module) -> None:
