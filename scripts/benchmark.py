@@ -19,10 +19,10 @@ Sections (docs/performance.md holds the table of the last full run):
 * ``memory``: what a replay memory of 5120 samples (DER++, the paper's largest buffer, filled on one permuted
   MNIST task) adds to a checkpoint: its size and the time ``Trainer.save_checkpoint`` takes, against the same
   run without a memory (fine-tuning), and the size the memory would have if it held the images themselves.
-* ``dwa``: a training step of DWA's network (per-sample weight masks) beside HAT's (per-task unit masks) on
-  the same network, time and the step's peak memory (each in a fresh process), for the MLP of the split-MNIST
-  runs and the AlexNet-style network of the mixture; and the vectorised masked layers against a per-sample
-  loop (the original code's convolution).
+* ``dwa``: a training step of DWA's network (per-sample weight masks; lifelong's held-mask DWA at its
+  defaults, and the paper's) beside HAT's (per-task unit masks) on the same network, time and the step's peak
+  memory (each in a fresh process), for the MLP of the split-MNIST runs and the AlexNet-style network of the
+  mixture; and the vectorised masked layers against a per-sample loop (the original code's convolution).
 
 Timings are the minimum over interleaved repeats (the least disturbed by other load on a shared machine);
 the median is shown beside it. With ``--device cuda`` the networks, the data and Lightning's trainer are on the
@@ -53,7 +53,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from lifelong.data import PermutedStream
+from lifelong.data.tensors import Batch
 from lifelong.methods import (
+    DWA,
     EWC,
     HAT,
     DarkExperienceReplay,
@@ -63,6 +65,7 @@ from lifelong.methods import (
     fisher_sums,
     per_sample_loop_fisher,
 )
+from lifelong.methods.dwa import PAPER_OPTIONS
 from lifelong.models import CNN, MLP, AlexNet, ContinualClassifier
 from lifelong.run import stream_trainer
 
@@ -505,11 +508,17 @@ def dwa_step(method: str, case: str, steps: int) -> dict[str, float]:
     make, shape, classes, batch = DWA_CASES[case]
     torch.manual_seed(0)
     base = make()
-    net: nn.Module = HATNet(base, 2) if method == "hat" else DWANet(base, shape)
+    dwa = None if method == "hat" else DWA(**(PAPER_OPTIONS if method == "dwa_paper" else {}))
+    net: nn.Module = HATNet(base, 2) if dwa is None else DWANet(base, shape, num_tasks=2, **dwa.net_options)
     net.to(DEVICE)
-    if method == "dwa":
+    if dwa is not None:
         for layer in net.masked:  # type: ignore[union-attr]
             layer.importance = torch.rand_like(layer.weight) * 1e-4  # a second task's mask loss
+        if dwa.hard:  # a second task: the first one's weights held, the gate's slope annealed
+            dwa.held.used = [torch.rand_like(layer.weight).round() for layer in net.masked]  # type: ignore[union-attr]
+            dwa.held.used_out = [u.amax(tuple(range(1, u.ndim))) for u in dwa.held.used]
+            dwa.held.finished = 1
+            net.context.slope = 200.0  # type: ignore[union-attr]
     opt = torch.optim.Adam(net.parameters(), lr=1e-3)
     x, y = torch.randn(batch, *shape, device=DEVICE), torch.randint(0, classes, (batch,), device=DEVICE)
     task = torch.ones(batch, dtype=torch.long, device=DEVICE)
@@ -519,16 +528,18 @@ def dwa_step(method: str, case: str, steps: int) -> dict[str, float]:
     def step() -> None:
         out = net(x, task)
         loss = F.cross_entropy(out, y)
-        if method == "dwa":
+        if dwa is not None:
             ctx = net.context  # type: ignore[union-attr]
-            loss = loss + 0.1 * sum(a.mean() for a in ctx.attention)
-            loss = loss + 500 * sum((a - 0.2).clamp_min(0).mean() for a in ctx.activity)
+            loss = loss + dwa.lambda_attention * sum(a.mean() for a in ctx.attention)
+            loss = loss + dwa.lambda_sparsity * sum((a - dwa.sparsity_target).clamp_min(0).mean() for a in ctx.activity)
         else:
             holder = nn.Module()
             holder.net = net
-            loss = loss + hat.penalty(holder, (x, y, task), out)  # type: ignore[operator]
+            loss = loss + hat.penalty(holder, Batch(x, y, task, None), out)  # type: ignore[arg-type, operator]
         opt.zero_grad()
         loss.backward()
+        if dwa is not None and dwa.hard:
+            dwa.held.block(net)  # type: ignore[arg-type]
         opt.step()
 
     step()  # allocate the optimizer's state before the baseline is read
@@ -555,18 +566,22 @@ def section_dwa(repeats: int) -> None:
     print("\n[dwa] a training step of DWA's network beside HAT's, the same network underneath", flush=True)
     for case in DWA_CASES:
         results = {}
-        for method in ("hat", "dwa"):
+        for method in ("hat", "dwa", "dwa_paper"):
             runs = []
             for _ in range(max(1, repeats // 2)):
                 cmd = [sys.executable, __file__, "--dwa-step", method, case, "--device", str(DEVICE)]
                 out = subprocess.run(cmd, capture_output=True, text=True, check=True)
                 runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
             results[method] = {k: min(r[k] for r in runs) for k in runs[0]}
-        hat, dwa = results["hat"], results["dwa"]
-        row("dwa", f"{case}: HAT step / DWA step", f"{1e3 * hat['step_s']:.1f} / {1e3 * dwa['step_s']:.1f} ms")
-        row("dwa", f"{case}: DWA / HAT step time", f"{dwa['step_s'] / hat['step_s']:.0f}x")
-        row("dwa", f"{case}: HAT / DWA step peak memory", f"{hat['peak_mib']:.0f} / {dwa['peak_mib']:.0f} MiB")
-        row("dwa", f"{case}: HAT / DWA parameters", f"{hat['params'] / 1e6:.2f} M / {dwa['params'] / 1e6:.2f} M")
+        hat, held, paper = results["hat"], results["dwa"], results["dwa_paper"]
+        ms = " / ".join(f"{1e3 * r['step_s']:.1f}" for r in (hat, held, paper))
+        row("dwa", f"{case}: HAT / DWA / the paper's DWA step", f"{ms} ms")
+        row("dwa", f"{case}: DWA / HAT step time", f"{held['step_s'] / hat['step_s']:.1f}x", "< 30x")
+        row("dwa", f"{case}: the paper's DWA / HAT step time", f"{paper['step_s'] / hat['step_s']:.0f}x")
+        mib = " / ".join(f"{r['peak_mib']:.0f}" for r in (hat, held, paper))
+        row("dwa", f"{case}: HAT / DWA / the paper's DWA step peak memory", f"{mib} MiB")
+        params = " / ".join(f"{r['params'] / 1e6:.2f}" for r in (hat, held, paper))
+        row("dwa", f"{case}: HAT / DWA / the paper's DWA parameters (2 tasks)", f"{params} M")
     # the masked layers, vectorised against a loop over the samples (the original code's convolution)
     torch.manual_seed(0)
     net = DWANet(AlexNet((3, 32, 32), 10, dropout=(0.0, 0.0)), (3, 32, 32)).to(DEVICE)

@@ -12,6 +12,7 @@ test inputs (docs/methods.md, "DWA: what lifelong implements", says what the num
   Fisher DWA merged; task j's own is recovered from the running mean), at its end and after each later task;
 * ``cosines``: at the stream's end, the cosines between the tasks' mean embeddings and mean masks, and the
   embeddings' spread within a task beside the distance between task means;
+* ``held`` (``protection=hard``): the fraction of each masked layer's weights held after each task;
 * ``swap``: the final network with one of its parts (stem, processor, generators, masked weights) restored
   from task j's end, tested on task j: a part whose restoring brings task j back is where it was forgotten.
 """
@@ -159,6 +160,10 @@ def diagnose(run: Path, samples: int, root: str | None) -> dict[str, Any]:
                 entry["swap"][part] = evaluate(swapped, stream, after_task=last, tasks=[j])[0]
         report["tasks"].append(entry)
     report["cosines"] = _cosines(final, inputs)
+    # protection=hard: the fraction of each masked layer's weights held after each task (the capacity used)
+    held = [s["callbacks"][method.state_key].get("held", {}).get("used") for s in states]
+    if all(held):
+        report["held"] = [[float(u.float().mean()) for u in used] for used in held]
     return report
 
 
@@ -208,6 +213,9 @@ def render(report: dict[str, Any]) -> str:
         if "swap" in entry:
             swaps = ", ".join(f"{part} {100 * acc:.2f} %" for part, acc in entry["swap"].items())
             lines.append(f"  the final network with one part from its end: {swaps}")
+    if "held" in report:
+        series = " -> ".join("/".join(f"{100 * f:.1f}" for f in fractions) for fractions in report["held"])
+        lines.append(f"held after each task (% of each masked layer's weights): {series}")
     c = report["cosines"]
     if c["max_embedding_cosine"] is not None:
         lines.append(

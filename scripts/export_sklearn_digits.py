@@ -3,7 +3,7 @@ as an image folder, so a machine without a network has a fourth real dataset for
 
     pip install scikit-learn
     python scripts/export_sklearn_digits.py data/sklearn_digits
-    python train.py experiment=dwa_sequence method=dwa method.curriculum=false
+    python train.py experiment=dwa_sequence method=dwa
 
 The layout is torchvision's ``ImageFolder``: ``DIR/<digit>/<index>.png``, grey, the 17 grey levels of the data
 scaled to 0..255. lifelong holds out a fixed 20 % of each class as the test split.

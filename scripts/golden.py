@@ -31,7 +31,7 @@ SPLIT = ["dataset=split_mnist", "dataset.num_tasks=3", "dataset.max_train_sample
 CLASS = [*SPLIT, "dataset.scenario=class"]
 CASES: dict[str, list[str]] = {
     **{m: [f"method={m}", *SPLIT] for m in ("finetune", "joint", "ewc", "online_ewc", "l2", "si", "mas", "lwf")},
-    **{m: [f"method={m}", *SPLIT] for m in ("hat", "dwa")},
+    **{m: [f"method={m}", *SPLIT] for m in ("hat", "dwa", "dwa_paper")},
     **{m: [f"method={m}", *CLASS] for m in ("er", "der", "derpp", "agem", "icarl")},
     "ewc+reservoir": ["method=ewc", "replay=reservoir", *CLASS],
     "ewc permuted_mnist": [

@@ -96,15 +96,16 @@ def test_ddp_mas_importance_and_replay_memory_match_one_process(tmp_path, mnist_
 
 @pytest.mark.integration
 def test_ddp_dwa_fisher_and_anchor_match_one_process(tmp_path, mnist_root):
-    """DWA under DDP: the merged Fisher and the stored anchor are sums over both ranks' shards, all-reduced, so
-    they equal what one process computes from the same weights."""
+    """The paper's DWA under DDP: the merged Fisher and the stored anchor are sums over both ranks' shards,
+    all-reduced, so they equal what one process computes from the same weights."""
     from types import SimpleNamespace
 
     from lifelong.methods import DWA
+    from lifelong.methods.dwa import PAPER_OPTIONS
 
     stream = {"num_tasks": 2, "max_train_samples": 501, "max_test_samples": 200}  # odd: uneven shards
     args = [
-        "method=dwa",
+        "method=dwa_paper",
         "method.curriculum=false",
         "method.anchor_samples=101",
         "dataset=split_mnist",
@@ -123,7 +124,7 @@ def test_ddp_dwa_fisher_and_anchor_match_one_process(tmp_path, mnist_root):
     dm = SplitStream("mnist", root=str(mnist_root), download=False, **stream)
     dm.prepare_data()
     dm.setup("fit")
-    dwa = DWA(curriculum=False, anchor_samples=101)
+    dwa = DWA(**{**PAPER_OPTIONS, "curriculum": False, "anchor_samples": 101})
     net = dwa.configure_network(MLP(dm.input_shape, dm.num_classes), dm)
     module = ContinualClassifier.for_stream(net, torch.optim.Adam, dm)
     module.load_state_dict(ckpt["state_dict"])
@@ -137,6 +138,47 @@ def test_ddp_dwa_fisher_and_anchor_match_one_process(tmp_path, mnist_root):
     with torch.no_grad():
         anchor = dwa._mean_embedding(single, module, dm, dwa._anchor_data(dm, 0, 0))
     torch.testing.assert_close(state["task_anchors"][0], anchor, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.integration
+def test_ddp_held_dwa_holds_what_every_ranks_samples_use(tmp_path, mnist_root):
+    """method=dwa under DDP: what a finished task's masks use is the union over both ranks' shards (all-reduced),
+    the same as one process finds on the whole task; the held weights do not move on any rank."""
+    from types import SimpleNamespace
+
+    from lifelong.methods import DWA
+
+    stream = {"num_tasks": 2, "max_train_samples": 501, "max_test_samples": 200}
+    args = [
+        "method=dwa",
+        "dataset=split_mnist",
+        f"dataset.root={mnist_root}",
+        *(f"dataset.{k}={v}" for k, v in stream.items()),
+        "dataset.val_fraction=0",
+        "trainer=ddp_cpu",
+        "logger=none",
+        "trainer.enable_progress_bar=false",
+    ]
+    proc = run_train(args, tmp_path / "run")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    first, last = (load_checkpoint(tmp_path / "run" / "checkpoints" / f"task_{k}.ckpt") for k in (1, 2))
+    held = next(v for k, v in first["callbacks"].items() if k.startswith("DWA"))["held"]
+
+    dm = SplitStream("mnist", root=str(mnist_root), download=False, **stream)
+    dm.prepare_data()
+    dm.setup("fit")
+    dwa = DWA()
+    net = dwa.configure_network(MLP(dm.input_shape, dm.num_classes), dm)
+    module = ContinualClassifier.for_stream(net, torch.optim.Adam, dm)
+    module.load_state_dict(first["state_dict"])
+    dwa.held.record(SimpleNamespace(datamodule=dm, world_size=1), module, net, 0)
+    for ddp, single in zip(held["used"], dwa.held.used, strict=True):
+        assert torch.equal(ddp, single)
+    names = {id(p): n for n, p in module.named_parameters()}
+    for layer, used in zip(net.masked, dwa.held.used, strict=True):
+        name = names[id(layer.weight)]
+        moved = first["state_dict"][name] != last["state_dict"][name]
+        assert not (moved & used.bool()).any() and moved.any()
 
 
 @pytest.mark.integration

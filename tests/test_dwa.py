@@ -179,6 +179,25 @@ def test_triplet_and_mask_losses_by_hand():
     torch.testing.assert_close(got, expected)
 
 
+def test_the_papers_dwa_is_a_named_option_with_every_value_the_papers():
+    """conf/method/dwa_paper.yaml is ``DWA(**PAPER_OPTIONS)``; method=dwa is the class's defaults."""
+    import inspect
+    from pathlib import Path
+
+    import yaml
+
+    from lifelong.methods.dwa import PAPER_OPTIONS
+
+    conf = Path(__file__).parents[1] / "conf" / "method"
+    paper = yaml.safe_load((conf / "dwa_paper.yaml").read_text())
+    assert paper.pop("_target_") == "lifelong.methods.DWA" and paper == PAPER_OPTIONS
+    defaults = {k: v.default for k, v in inspect.signature(DWA).parameters.items()}
+    ours = yaml.safe_load((conf / "dwa.yaml").read_text())
+    ours.pop("_target_")
+    assert ours == {k: list(v) if isinstance(v, tuple) else v for k, v in defaults.items()}
+    assert set(PAPER_OPTIONS) == set(defaults)
+
+
 def test_the_codes_sparsity_counts_the_inactive_fraction():
     """``sparsity=code``: the original code's default term, ``[mean_i (1 - |M_b,i|) - mu]_+`` per sample."""
     net = _net(MLP((1, 2, 2), 3, hidden_sizes=[4, 3]), (1, 2, 2), emb_size=5, sparsity="code")
@@ -240,7 +259,7 @@ def test_curriculum_threshold_rises_linearly():
 
 # ---- real runs --------------------------------------------------------------------------------------------
 DWA_RUN = [
-    "method=dwa",
+    "method=dwa_paper",
     "dataset=split_mnist",
     "dataset.num_tasks=3",
     "dataset.max_train_samples=400",
@@ -280,12 +299,57 @@ def test_dwa_resumes_to_the_same_result(mnist_root, tmp_path):
     assert full["accuracy_matrix"][0][0] > 0.9
 
 
+HELD_RUN = [
+    "method=dwa",
+    "dataset=split_mnist",
+    "dataset.num_tasks=3",
+    "dataset.max_train_samples=600",
+    "dataset.max_test_samples=200",
+    "dataset.batch_size=64",
+    "epochs_per_task=1",
+    "dataset.val_fraction=0",
+    "logger=none",
+]
+
+
+@pytest.mark.integration
+def test_held_dwa_keeps_every_finished_tasks_masks_and_resumes(mnist_root, tmp_path):
+    """method=dwa (held masks): a finished task's masks do not move, nothing of it is lost that restoring a part
+    would bring back, its accuracy stays; the state resumes exactly."""
+    from scripts.dwa_diagnostics import diagnose
+
+    args = [*HELD_RUN, f"dataset.root={mnist_root}"]
+    full = compose_run(args, tmp_path / "full")
+    report = diagnose(tmp_path / "full", samples=64, root=None)
+    first = report["tasks"][0]
+    for later in first["masks"][1:]:
+        assert max(later["relative_change"]) == 0 and max(later["sign_flips"]) == 0
+    assert first["accuracy_at_the_end"] >= first["accuracy_at_its_end"] - 0.02 > 0.9
+    assert all(abs(acc - first["accuracy_at_the_end"]) < 0.01 for acc in first["swap"].values()), first["swap"]
+    assert report["cosines"]["max_mask_cosine"] < 0.9  # the tasks' masks differ
+    ckpt = tmp_path / "full" / "checkpoints" / "task_1.ckpt"
+    state = next(v for k, v in load_checkpoint(ckpt)["callbacks"].items() if k.startswith("DWA"))
+    assert state["held"]["finished"] == 1 and 0 < float(state["held"]["used"][0].mean()) < 1
+    resumed = compose_run([*args, f"ckpt_path={ckpt}"], tmp_path / "resumed")
+    assert resumed["accuracy_matrix"] == full["accuracy_matrix"]
+
+
+@pytest.mark.integration
+def test_finetune_with_frozen_layers_holds_them_after_the_first_task(mnist_root, tmp_path):
+    """The control DWA must beat: fine-tuning whose first layer is held once the first task ends."""
+    args = ["method=finetune", "method.freeze_layers=1", *HELD_RUN[1:], f"dataset.root={mnist_root}"]
+    compose_run(args, tmp_path)
+    first, last = (load_checkpoint(tmp_path / "checkpoints" / f"task_{k}.ckpt")["state_dict"] for k in (1, 3))
+    assert torch.equal(first["net.layers.1.weight"], last["net.layers.1.weight"])
+    assert not torch.equal(first["net.layers.3.weight"], last["net.layers.3.weight"])
+
+
 @pytest.mark.integration
 def test_dwa_trains_a_cnn(mnist_root, tmp_path):
     """model=cnn: the second conv and the hidden dense layer are masked (the dense one in chunks)."""
     m = compose_run(
         [
-            "method=dwa",
+            "method=dwa_paper",
             "model=cnn",
             "model.channels=[8,16]",  # small, so the test is quick: the structure is what is tested
             "model.hidden_size=64",

@@ -111,10 +111,8 @@ def test_dwa_on_a_sequence_with_an_image_folder(mnist_root, tmp_path):
             f"dataset.root={mnist_root}",
             "dataset.max_train_samples=300",
             "dataset.max_test_samples=100",
-            "dataset.batch_size=16",
+            "dataset.batch_size=8",
             "epochs_per_task=2",
-            "method.curriculum=false",
-            "method.anchor_samples=32",
             "dataset.val_fraction=0",  # the folder's few images all train
             "logger=none",
         ],
@@ -122,7 +120,7 @@ def test_dwa_on_a_sequence_with_an_image_folder(mnist_root, tmp_path):
     )
     assert m["stream"]["datasets"][1] == f"image_folder:{tmp_path / 'shapes'}"
     assert m["stream"]["task_classes"] == [list(range(10)), list(range(10, 13))]
-    assert m["accuracy_matrix"][1][1] > 0.9  # the label is in the images: the folder's task is learnt
+    assert m["accuracy_matrix"][1][1] > 0.9, m["accuracy_matrix"]  # the label is in the images: it is learnt
 
 
 @pytest.fixture

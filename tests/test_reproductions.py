@@ -60,3 +60,17 @@ def test_der2020_perm_mnist_derpp_500_reproduces_the_readme_row(mnist_root, tmp_
     runs = _seeds(overrides, mnist_root, tmp_path)
     assert all(m["scenario"] == "domain" and m["num_tasks"] == 20 for m in runs)
     _check_mean([m["avg_accuracy"] for m in runs], 0.8802, 0.0049, "domain-IL")
+
+
+@pytest.mark.slow
+def test_dwa_split_mnist_reproduces_the_docs_row(mnist_root, tmp_path):
+    """`experiment=dwa_split_mnist method=dwa` (the held-mask DWA at its defaults), seed 0. docs/experiments.md
+    ("DWA", seeds 0-2): ACC 99.20 ± 0.01 %, BWT 0.00 ± 0.01 %; it must stay above the control, fine-tuning with
+    its first layer held after task 1 (96.26 ± 0.98 %), by more than twice the control's spread."""
+    m = compose_run(
+        ["experiment=dwa_split_mnist", "method=dwa", "seed=0", "logger=none", f"dataset.root={mnist_root}"], tmp_path
+    )
+    assert m["config"]["method"]["protection"] == "hard" and m["num_tasks"] == 5
+    assert m["avg_accuracy"] == pytest.approx(0.9920, abs=3 * 0.0001 + ROUNDING)
+    assert m["bwt"] >= -0.005
+    assert m["avg_accuracy"] > 0.9626 + 2 * 0.0098

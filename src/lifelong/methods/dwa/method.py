@@ -76,20 +76,28 @@ class DWA(ContinualMethod):
     $\zeta \le \min(1, s + (1 - s)\,e / E_c)$ at epoch $e$ of the task; the warm-up divides the
     learning rate by ``warmup_divisor`` for the first ``warmup_epochs`` epochs of every task.
 
+    The defaults are lifelong's extension, the *held-mask DWA*: each task has its own context processor and
+    mask generators (``context="task"``), masks are an output gate times an input gate per sample
+    (``mask_form="factored"``, sigmoid, no stem), and what a finished task's binary masks use is held
+    (``protection="hard"``, HAT's way), so an old task's masks cannot drift; the three losses are off
+    (``lambda_* = 0``), as the selection on validation data chose. ``DWA(**PAPER_OPTIONS)``
+    (``method=dwa_paper``) is the paper's DWA. docs/methods.md ("DWA: what lifelong implements") has why,
+    and the selection's numbers.
+
     Under DDP every rank computes the complexity of the whole task (the same scores), the anchors' means and
     losses and the Fisher are sums over each rank's shard, all-reduced: every rank holds the same state,
     equal to one process's.
 
     Args:
-        stem_layers: see `DWANet`.
+        stem_layers: see `DWANet` (0; the paper: 1).
         emb_size: see `DWANet`.
         processor_features: see `DWANet`.
-        gate: see `DWANet`.
+        gate: see `DWANet` (``"sigmoid"``; the paper: ``"tanh"``).
         chunk_elements: see `DWANet`.
         paper_init: see `DWANet`.
-        lambda_emb: $\lambda_1$ (20).
-        lambda_attention: $\lambda_2$ (0.1).
-        lambda_sparsity: $\lambda_3$ (500).
+        lambda_emb: $\lambda_1$ (0; the paper: 20).
+        lambda_attention: $\lambda_2$ (0; the paper: 0.1).
+        lambda_sparsity: $\lambda_3$ (0; the paper: 500).
         sparsity: the sparsity term's form: ``"paper"`` (the active fraction above, Eq. 6) or ``"code"`` (the
             original code's default, the *inactive* fraction ``mean_i (1 - |M_b,i|)`` in place of the active
             one: its published runs used it); see `mask_activity`.
@@ -100,16 +108,16 @@ class DWA(ContinualMethod):
         anchor_threshold: the complexity below which samples make the anchors (0.4).
         anchor_samples: how many of them (a seeded random choice; 320, the code's 10 batches of 32).
         negative_searches: random directions tried for $N$ (5).
-        curriculum: train each epoch on the samples under the rising complexity threshold.
+        curriculum: train each epoch on the samples under the rising complexity threshold (off; the paper: on).
         curriculum_start: the threshold $s$ at a task's first epoch (0.2).
         curriculum_epochs: $E_c$, the epochs over which it reaches 1 (100).
         warmup_epochs: epochs of reduced learning rate at the start of every task (0: none).
         warmup_divisor: the learning rate's divisor during them (750).
         fisher_samples: samples of a finished task to estimate the Fisher on (seeded); ``None`` for all.
-        mask_form: ``"full"`` (the paper's) or ``"factored"`` (see `DWANet`).
-        context: ``"shared"`` (the paper's) or ``"task"`` (see `DWANet`).
-        protection: ``"soft"`` (the paper's: the losses above only) or ``"hard"``: what a finished task's binary
-            masks use is held (see `HeldMasks`; sigmoid gates, ``reset_optimizer=true``).
+        mask_form: ``"factored"`` (the default) or ``"full"`` (the paper's; see `DWANet`).
+        context: ``"task"`` (the default) or ``"shared"`` (the paper's; see `DWANet`).
+        protection: ``"hard"`` (the default) or ``"soft"`` (the paper's: the losses above only). Hard: what a
+            finished task's binary masks use is held (see `HeldMasks`; sigmoid gates, ``reset_optimizer=true``).
         s_max: the largest slope of the annealed gate (``protection="hard"``; 400, HAT's).
     """
 
@@ -118,13 +126,13 @@ class DWA(ContinualMethod):
 
     def __init__(
         self,
-        stem_layers: int = 1,
+        stem_layers: int = 0,
         emb_size: int = 100,
         processor_features: Sequence[int] = (32, 128),
-        gate: str = "tanh",
-        lambda_emb: float = 20.0,
-        lambda_attention: float = 0.1,
-        lambda_sparsity: float = 500.0,
+        gate: str = "sigmoid",
+        lambda_emb: float = 0.0,
+        lambda_attention: float = 0.0,
+        lambda_sparsity: float = 0.0,
         sparsity: str = "paper",
         sparsity_target: float = 0.2,
         margin: float = 1.5,
@@ -133,7 +141,7 @@ class DWA(ContinualMethod):
         anchor_threshold: float = 0.4,
         anchor_samples: int = 320,
         negative_searches: int = 5,
-        curriculum: bool = True,
+        curriculum: bool = False,
         curriculum_start: float = 0.2,
         curriculum_epochs: int = 100,
         warmup_epochs: int = 0,
@@ -141,9 +149,9 @@ class DWA(ContinualMethod):
         fisher_samples: int | None = None,
         chunk_elements: int = 2**24,
         paper_init: bool = True,
-        mask_form: str = "full",
-        context: str = "shared",
-        protection: str = "soft",
+        mask_form: str = "factored",
+        context: str = "task",
+        protection: str = "hard",
         s_max: float = 400.0,
     ) -> None:
         super().__init__()
@@ -261,7 +269,7 @@ class DWA(ContinualMethod):
         if self.curriculum.enabled and position:
             pl_module.log("dwa/curriculum_threshold", position["threshold"])
             pl_module.log("dwa/curriculum_samples", float(position["samples"]))
-        if task > 0 or self.anchor_first_task:
+        if self.lambda_emb and (task > 0 or self.anchor_first_task):  # no triplet loss: no anchors to search
             self.anchors = self.search_anchors(trainer, pl_module, task, epoch)
 
     @override
@@ -272,9 +280,12 @@ class DWA(ContinualMethod):
         if self.hard:
             module.log_event({"dwa/weights_held": self.held.record(trainer, module, self._net(module), task)})
         dm = stream_of(trainer)
-        samples = self._anchor_data(dm, task, trainer.current_epoch)
-        with _eval(module), torch.no_grad():
-            self.task_anchors.append(self._mean_embedding(trainer, module, dm, samples))
+        if self.lambda_emb:
+            samples = self._anchor_data(dm, task, trainer.current_epoch)
+            with _eval(module), torch.no_grad():
+                self.task_anchors.append(self._mean_embedding(trainer, module, dm, samples))
+        if not self.lambda_attention:  # nothing uses a Fisher
+            return
         fisher = self.task_fisher(trainer, module, task)
         k = self.num_fishers
         self.fisher = {n: (f + k * self.fisher[n]) / (k + 1) if k else f for n, f in fisher.items()}

@@ -7,6 +7,38 @@ from typing import Any
 
 from lifelong.methods.dwa.layers import check_sparsity
 
+# Every option of `DWA` at the paper's value (conf/method/dwa_paper.yaml holds the same; a test checks it):
+# the paper-faithful DWA is DWA(**PAPER_OPTIONS); DWA()'s defaults are lifelong's held-mask extension.
+PAPER_OPTIONS: dict[str, Any] = {
+    "stem_layers": 1,
+    "emb_size": 100,
+    "processor_features": [32, 128],
+    "gate": "tanh",
+    "lambda_emb": 20.0,
+    "lambda_attention": 0.1,
+    "lambda_sparsity": 500.0,
+    "sparsity": "paper",
+    "sparsity_target": 0.2,
+    "margin": 1.5,
+    "delta": 1.0,
+    "anchor_first_task": False,
+    "anchor_threshold": 0.4,
+    "anchor_samples": 320,
+    "negative_searches": 5,
+    "curriculum": True,
+    "curriculum_start": 0.2,
+    "curriculum_epochs": 100,
+    "warmup_epochs": 0,
+    "warmup_divisor": 750.0,
+    "fisher_samples": None,
+    "chunk_elements": 16777216,
+    "paper_init": True,
+    "mask_form": "full",
+    "context": "shared",
+    "protection": "soft",
+    "s_max": 400.0,
+}
+
 
 def check_options(v: Mapping[str, Any]) -> None:
     """Raise ``ValueError`` for the first of `DWA`'s arguments ``v`` (by name) out of its range."""
