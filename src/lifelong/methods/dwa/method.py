@@ -85,8 +85,9 @@ class DWA(ContinualMethod):
     and the selection's numbers.
 
     Under DDP every rank computes the complexity of the whole task (the same scores), the anchors' means and
-    losses and the Fisher are sums over each rank's shard, all-reduced: every rank holds the same state,
-    equal to one process's.
+    losses and the Fisher are sums over each rank's shard, all-reduced, and so is the record of what a finished
+    task's masks use (``protection="hard"``: the union over every rank's shard): every rank holds the same
+    state, equal to one process's.
 
     Args:
         stem_layers: see `DWANet` (0; the paper: 1).
