@@ -94,6 +94,35 @@ def test_ddp_mas_importance_and_replay_memory_match_one_process(tmp_path, mnist_
         assert err < 1e-6, (name, err)
 
 
+DWA_STREAM = {"num_tasks": 2, "max_train_samples": 501, "max_test_samples": 200}  # odd: uneven shards
+
+
+def _dwa_under_ddp(method_args: list[str], dwa, tmp_path, mnist_root):
+    """Run DWA on 2 gloo processes, then rebuild its network in this process from the first task's checkpoint:
+    the checkpoints of tasks 1 and 2, the method's state after task 1, and the rebuilt stream and module."""
+    args = [
+        *method_args,
+        "dataset=split_mnist",
+        f"dataset.root={mnist_root}",
+        *(f"dataset.{k}={v}" for k, v in DWA_STREAM.items()),
+        "dataset.val_fraction=0",  # the recomputation trains on the whole training set
+        "trainer=ddp_cpu",
+        "logger=none",
+        "trainer.enable_progress_bar=false",
+    ]
+    proc = run_train(args, tmp_path / "run")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    first, last = (load_checkpoint(tmp_path / "run" / "checkpoints" / f"task_{k}.ckpt") for k in (1, 2))
+    state = next(v for k, v in first["callbacks"].items() if k.startswith("DWA"))
+    dm = SplitStream("mnist", root=str(mnist_root), download=False, **DWA_STREAM)
+    dm.prepare_data()
+    dm.setup("fit")
+    net = dwa.configure_network(MLP(dm.input_shape, dm.num_classes), dm)
+    module = ContinualClassifier.for_stream(net, torch.optim.Adam, dm)
+    module.load_state_dict(first["state_dict"])
+    return first, last, state, dm, module
+
+
 @pytest.mark.integration
 def test_ddp_dwa_fisher_and_anchor_match_one_process(tmp_path, mnist_root):
     """The paper's DWA under DDP: the merged Fisher and the stored anchor are sums over both ranks' shards,
@@ -103,31 +132,9 @@ def test_ddp_dwa_fisher_and_anchor_match_one_process(tmp_path, mnist_root):
     from lifelong.methods import DWA
     from lifelong.methods.dwa import PAPER_OPTIONS
 
-    stream = {"num_tasks": 2, "max_train_samples": 501, "max_test_samples": 200}  # odd: uneven shards
-    args = [
-        "method=dwa_paper",
-        "method.curriculum=false",
-        "method.anchor_samples=101",
-        "dataset=split_mnist",
-        f"dataset.root={mnist_root}",
-        *(f"dataset.{k}={v}" for k, v in stream.items()),
-        "dataset.val_fraction=0",  # the recomputation below trains on the whole training set
-        "trainer=ddp_cpu",
-        "logger=none",
-        "trainer.enable_progress_bar=false",
-    ]
-    proc = run_train(args, tmp_path / "run")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    ckpt = load_checkpoint(tmp_path / "run" / "checkpoints" / "task_1.ckpt")
-    state = next(v for k, v in ckpt["callbacks"].items() if k.startswith("DWA"))
-
-    dm = SplitStream("mnist", root=str(mnist_root), download=False, **stream)
-    dm.prepare_data()
-    dm.setup("fit")
     dwa = DWA(**{**PAPER_OPTIONS, "curriculum": False, "anchor_samples": 101})
-    net = dwa.configure_network(MLP(dm.input_shape, dm.num_classes), dm)
-    module = ContinualClassifier.for_stream(net, torch.optim.Adam, dm)
-    module.load_state_dict(ckpt["state_dict"])
+    args = ["method=dwa_paper", "method.curriculum=false", "method.anchor_samples=101"]
+    _, _, state, dm, module = _dwa_under_ddp(args, dwa, tmp_path, mnist_root)
     single = SimpleNamespace(world_size=1)
     fisher = dwa.task_fisher(SimpleNamespace(datamodule=dm, world_size=1), module, 0)
     assert set(fisher) == set(state["fisher"]) == {"net.net.layers.3.weight"}
@@ -148,29 +155,10 @@ def test_ddp_held_dwa_holds_what_every_ranks_samples_use(tmp_path, mnist_root):
 
     from lifelong.methods import DWA
 
-    stream = {"num_tasks": 2, "max_train_samples": 501, "max_test_samples": 200}
-    args = [
-        "method=dwa",
-        "dataset=split_mnist",
-        f"dataset.root={mnist_root}",
-        *(f"dataset.{k}={v}" for k, v in stream.items()),
-        "dataset.val_fraction=0",
-        "trainer=ddp_cpu",
-        "logger=none",
-        "trainer.enable_progress_bar=false",
-    ]
-    proc = run_train(args, tmp_path / "run")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    first, last = (load_checkpoint(tmp_path / "run" / "checkpoints" / f"task_{k}.ckpt") for k in (1, 2))
-    held = next(v for k, v in first["callbacks"].items() if k.startswith("DWA"))["held"]
-
-    dm = SplitStream("mnist", root=str(mnist_root), download=False, **stream)
-    dm.prepare_data()
-    dm.setup("fit")
     dwa = DWA()
-    net = dwa.configure_network(MLP(dm.input_shape, dm.num_classes), dm)
-    module = ContinualClassifier.for_stream(net, torch.optim.Adam, dm)
-    module.load_state_dict(first["state_dict"])
+    first, last, state, dm, module = _dwa_under_ddp(["method=dwa"], dwa, tmp_path, mnist_root)
+    held = state["held"]
+    net = dwa._net(module)
     dwa.held.record(SimpleNamespace(datamodule=dm, world_size=1), module, net, 0)
     for ddp, single in zip(held["used"], dwa.held.used, strict=True):
         assert torch.equal(ddp, single)
