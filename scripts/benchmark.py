@@ -19,6 +19,9 @@ Sections (docs/performance.md holds the table of the last full run):
 * ``memory``: what a replay memory of 5120 samples (DER++, the paper's largest buffer, filled on one permuted
   MNIST task) adds to a checkpoint: its size and the time ``Trainer.save_checkpoint`` takes, against the same
   run without a memory (fine-tuning), and the size the memory would have if it held the images themselves.
+* ``eval``: continual evaluation (``eval_every``): split MNIST (5 tasks, class scenario, MLP 2 x 400, Adam, batch
+  128, one epoch a task) fitted with and without an evaluation of 1,000 test samples of every seen task every 10
+  steps (and every step), the whole fit timed; the evaluation's share of the training time.
 * ``dwa``: a training step of DWA's network (per-sample weight masks; lifelong's held-mask DWA at its
   defaults, and the paper's) beside HAT's (per-task unit masks) on the same network, time and the step's peak
   memory (each in a fresh process), for the MLP of the split-MNIST runs and the AlexNet-style network of the
@@ -36,6 +39,7 @@ import contextlib
 import functools
 import io
 import json
+import math
 import os
 import platform
 import statistics
@@ -606,6 +610,48 @@ def section_dwa(repeats: int) -> None:
     row("dwa", "masked Conv2d: speed-up of the grouped convolution", f"{res['loop'][0] / res['vec'][0]:.1f}x")
 
 
+# ---- continual evaluation ------------------------------------------------------------------------------
+def section_eval(root: str | None, repeats: int) -> None:
+    from lifelong.data import SplitStream
+    from lifelong.evaluation import ContinualEvaluation
+
+    print("\n[eval] continual evaluation of every seen task on 1,000 test samples, split MNIST (5 tasks)", flush=True)
+    dm = SplitStream("mnist", root=root, download=False, seed=0, scenario="class")
+    dm.prepare_data()
+    dm.setup("fit")
+    spent: dict[str, float] = {}
+
+    def fit(every: int | None) -> float:
+        torch.manual_seed(0)
+        module = ContinualClassifier.for_stream(MLP(dm.input_shape, dm.num_classes), torch.optim.Adam, dm)
+        curve = [ContinualEvaluation(every, 1000)] if every else []
+        factory = functools.partial(L.Trainer, accelerator=accelerator(), devices=1, enable_model_summary=False)
+        with tempfile.TemporaryDirectory() as tmp:
+            trainer, _ = stream_trainer(dm, tmp, trainer=factory, callbacks=[Finetune(), *curve], progress_bar=False)
+            with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+                sync()
+                t0 = time.perf_counter()
+                trainer.fit(module, datamodule=dm)
+                sync()
+                seconds = time.perf_counter() - t0
+        if curve:
+            spent[str(every)] = min(spent.get(str(every), math.inf), curve[0].eval_time_s)
+        return seconds
+
+    res = timed({"none": lambda: fit(None), "10": lambda: fit(10), "1": lambda: fit(1)}, repeats)
+    steps = sum(len(dm.loader(dm.train_data(t), train=True)) for t in range(dm.num_tasks))
+    row("eval", f"fit of the stream ({steps} steps), task-end evaluation only", fmt(res["none"]))
+    for every, target in (("10", "< 30 %"), ("1", "")):
+        added = res[every][0] / res["none"][0] - 1
+        row("eval", f"with 1,000 samples a seen task every {every} step{'s' * (every != '1')}", fmt(res[every]))
+        row(
+            "eval",
+            f"every {every}: added to the fit (its own evaluation time)",
+            f"{100 * added:+.1f} % ({100 * spent[every] / res['none'][0]:.1f} %)",
+            target,
+        )
+
+
 # ---- a replay memory in checkpoints --------------------------------------------------------------------
 def section_memory(root: str | None, repeats: int, size: int = 5120) -> None:
     print(f"\n[memory] a checkpoint with a replay memory of {size} samples (DER++) against one without", flush=True)
@@ -647,12 +693,14 @@ def section_memory(root: str | None, repeats: int, size: int = 5120) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sections", nargs="+", default=["train", "fisher", "tasks", "e2e", "memory", "dwa"])
+    parser.add_argument("--sections", nargs="+", default=["train", "fisher", "tasks", "e2e", "memory", "dwa", "eval"])
     parser.add_argument("--data-root", default=os.environ.get("LIFELONG_DATA_DIR") or None)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--e2e-tasks", type=int, default=10)
     parser.add_argument("--cnn-images", type=int, default=5000)
-    parser.add_argument("--device", default="cpu", help="cpu, or cuda (the sections train, fisher, tasks and dwa)")
+    parser.add_argument(
+        "--device", default="cpu", help="cpu, or cuda (the sections train, fisher, tasks, dwa and eval)"
+    )
     parser.add_argument("--json", help="also write the table here")
     parser.add_argument("--pipeline-baseline", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
@@ -689,6 +737,8 @@ def main() -> None:
         section_memory(args.data_root, args.repeats)
     if "dwa" in args.sections:
         section_dwa(args.repeats)
+    if "eval" in args.sections:
+        section_eval(args.data_root, args.repeats)
     print("\n| section | measure | value | target |\n| --- | --- | --- | --- |")
     for r in ROWS:
         print("| " + " | ".join(r) + " |")

@@ -18,10 +18,12 @@ from lightning.pytorch.utilities import rank_zero_only
 from typing_extensions import override
 
 from lifelong.data.streams import stream_of
+from lifelong.evaluation import ContinualEvaluation
 from lifelong.files import atomic_open, save_atomic, write_atomic
 from lifelong.loggers import log_config, log_results
 from lifelong.metrics.continual import SUMMARY_KEYS, summarize
 from lifelong.metrics.plots import accuracy_curves, accuracy_heatmap
+from lifelong.metrics.stability import STABILITY_KEYS
 
 log = logging.getLogger(__name__)
 
@@ -123,6 +125,8 @@ class StreamReport(L.Callback):
             "wall_time_s": round(self.elapsed(), 3),
             "stream": dm.describe(),
         }
+        for curve in _curves(trainer):
+            self.metrics.update(curve.results())
         self._write(trainer, rows)
 
     @rank_zero_only
@@ -138,6 +142,10 @@ class StreamReport(L.Callback):
         figures = {"accuracy_matrix": accuracy_heatmap(rows, title), "accuracy_curves": accuracy_curves(rows, title)}
         for name, fig in figures.items():
             save_atomic(out / f"{name}.png", functools.partial(fig.savefig, format="png"))
+        files = []
+        for evaluation in _curves(trainer):
+            figures.update(evaluation.write(out, title))
+            files.append(out / "eval_curve.csv")
         write_atomic(out / "metrics.json", json.dumps(self.metrics, indent=2) + "\n")  # last: the run is complete
         scalars = {
             f"{split}/{key}": self.metrics[prefix + key]
@@ -145,11 +153,20 @@ class StreamReport(L.Callback):
             for key in SUMMARY_KEYS
             if self.metrics.get(prefix + key) is not None
         }
-        files = [out / name for name in ("metrics.json", "accuracy_matrix.csv", *(f"{f}.png" for f in figures))]
+        if "continual_eval" in self.metrics:  # the stability-gap summary, under the split its curve was measured on
+            split = self.metrics["continual_eval"]["split"]
+            scalars.update(
+                {f"{split}_curve/{k}": self.metrics[k] for k in STABILITY_KEYS if self.metrics.get(k) is not None}
+            )
+        files = [out / name for name in ("metrics.json", "accuracy_matrix.csv", *(f"{f}.png" for f in figures))] + files
         log_results(trainer.loggers, scalars, figures, files, trainer.global_step)
         for fig in figures.values():
             fig.clf()
         _print_summary(self.metrics, out)
+
+
+def _curves(trainer: L.Trainer) -> list[ContinualEvaluation]:
+    return [cb for cb in trainer.callbacks if isinstance(cb, ContinualEvaluation)]  # type: ignore[attr-defined]
 
 
 def _results(rows: torch.Tensor, initial: torch.Tensor) -> dict[str, Any]:

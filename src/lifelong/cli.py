@@ -26,6 +26,7 @@ from omegaconf.errors import OmegaConfBaseException
 from lifelong.config import check_targets, conforms, describe, name_the_key
 from lifelong.data import TaskStream
 from lifelong.errors import ConfigError, LifelongError
+from lifelong.evaluation import ContinualEvaluation
 from lifelong.methods import ContinualMethod, ExperienceReplay
 from lifelong.methods.base import stream_needs
 from lifelong.models import ContinualClassifier
@@ -81,6 +82,10 @@ class TrainOptions(TypedDict):
     resume: bool
     overwrite: bool
     preset: dict[str, Any]
+    eval_every: int | None
+    eval_subset: int | None
+    eval_redraw: bool
+    eval_split: Literal["test", "val"]
 
 
 GROUPS = ("dataset", "model", "optimizer", "method", "replay", "trainer", "logger")
@@ -125,7 +130,7 @@ def check(cfg: DictConfig) -> dict[str, Any]:
     return values
 
 
-def build_parts(cfg: DictConfig) -> tuple[TaskStream, list[ContinualMethod]]:
+def build_parts(cfg: DictConfig) -> tuple[TaskStream, list[Any]]:
     """The stream (not yet loaded) and the method callbacks: constructors only, so their checks run first."""
     datamodule = build_part("dataset", cfg.dataset)
     method = build_part("method", cfg.method)
@@ -138,6 +143,15 @@ def build_parts(cfg: DictConfig) -> tuple[TaskStream, list[ContinualMethod]]:
         stream_needs(callbacks)  # two methods that need incompatible things from the stream
     except ValueError as err:
         raise ConfigError(str(err)) from None
+    if cfg.get("eval_every") is not None:  # continual evaluation beside the task-end one
+        try:
+            callbacks.append(
+                ContinualEvaluation(cfg.eval_every, cfg.eval_subset, redraw=cfg.eval_redraw, split=cfg.eval_split)
+            )
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+        if cfg.eval_split == "val" and not datamodule.has_validation:
+            raise ConfigError("eval_split=val needs validation data: set dataset.val_fraction > 0 (e.g. 0.1)")
     return datamodule, callbacks
 
 

@@ -34,6 +34,7 @@ PURPOSES = {
     "der_replay": 13,  # DER's replayed minibatches
     "dwa_anchor_samples": 14,  # DWA: the low-complexity samples its anchors are made of
     "dwa_negative_search": 15,  # DWA: the random directions tried for the negative anchor
+    "eval_subset": 16,  # continual evaluation: the samples of each task it evaluates (epoch: the step, if redrawn)
 }
 
 

@@ -191,6 +191,11 @@ class ContinualClassifier(L.LightningModule):
         """The stream being trained: the trainer's datamodule."""
         return stream_of(self.trainer)
 
+    @property
+    def stream_step(self) -> Step | None:
+        """Where the current training step falls in the stream (set before each step by the stream's clock)."""
+        return self._step
+
     def log_event(self, values: Mapping[str, float | Tensor]) -> None:
         """Write ``values`` to the loggers at this step, as they are (not Lightning's per-step or per-epoch
         reduction: a task event may fall at any step). The values must already agree across ranks."""
@@ -396,7 +401,7 @@ class ContinualClassifier(L.LightningModule):
         self.log_event(logged)
         if self.trainer.is_global_zero:
             parts = [
-                f"{name} accuracy {_mean_pct(row, task)}"
+                f"{name} accuracy {100 * row[: task + 1].mean().item():.2f} %"
                 for name, row in (("validation", val), ("test", test))
                 if row is not None
             ]
@@ -441,7 +446,3 @@ def _computed(metrics: Sequence[MulticlassAccuracy]) -> Tensor:
     for metric in metrics:
         metric.reset()
     return row
-
-
-def _mean_pct(row: Tensor, task: int) -> str:
-    return f"{100 * row[: task + 1].mean().item():.2f} %"
