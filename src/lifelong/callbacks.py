@@ -21,7 +21,9 @@ from lifelong.data.streams import stream_of
 from lifelong.evaluation import ContinualEvaluation
 from lifelong.files import atomic_open, save_atomic, write_atomic
 from lifelong.loggers import log_config, log_results
+from lifelong.methods.base import ContinualMethod
 from lifelong.metrics.continual import SUMMARY_KEYS, summarize
+from lifelong.metrics.cost import peak_memory, tensor_bytes
 from lifelong.metrics.plots import accuracy_curves, accuracy_heatmap
 from lifelong.metrics.stability import STABILITY_KEYS
 
@@ -68,6 +70,13 @@ class StreamReport(L.Callback):
     in the checkpoint it resumed from. The time between the two runs is not counted; an interrupted epoch,
     trained again, is counted twice, as it was paid for twice.
 
+    What the run cost ([`lifelong.metrics.cost`][lifelong.metrics.cost]): ``examples_seen``, the training samples
+    the network took from the stream over every rank (an epoch's repeats counted again, replayed samples not);
+    ``method_state_bytes``, after each finished task, the bytes of the tensors the run's methods checkpoint (that
+    task's checkpoint holds exactly these), and their maximum ``method_state_bytes_max``; ``peak_memory_bytes``, the
+    most any rank held (``peak_memory_kind`` says what: the GPU allocator's peak, or a CPU process's peak resident
+    set). A resumed run carries the counts on from its checkpoint; its peak memory is its own process's.
+
     Args:
         output_dir: the run's folder.
         info: identifying fields for ``metrics.json`` (``method``, ``dataset``, ``seed``, ...).
@@ -79,6 +88,9 @@ class StreamReport(L.Callback):
         self._start = 0.0
         self._before = 0.0  # training time recorded in the checkpoint this run resumed from
         self.metrics: dict[str, Any] = {}
+        self._examples = 0  # training samples taken, over every rank
+        self._state_bytes: list[int] = []  # what the methods checkpoint, after each finished task
+        self._task_ended = False  # a task ended at the last step: count the methods' state once they consolidated
 
     @override
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -91,11 +103,38 @@ class StreamReport(L.Callback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {"elapsed_s": self.elapsed()}
+        return {"elapsed_s": self.elapsed(), "examples_seen": self._examples, "method_state_bytes": self._state_bytes}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._before = float(state_dict.get("elapsed_s", 0.0))
+        self._examples = int(state_dict.get("examples_seen", 0))
+        self._state_bytes = list(state_dict.get("method_state_bytes", []))
+
+    @override
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        self._count_state(trainer)  # a task ended inside the epoch: before the next one starts
+
+    @override
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        self._examples += len(batch.y) * trainer.world_size  # a shape: no sync
+        step = getattr(pl_module, "stream_step", None)
+        self._task_ended = bool(step is not None and step.ends_task)
+
+    @override
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._count_state(trainer)  # before the task's checkpoint is written (checkpoint callbacks run last)
+
+    def _count_state(self, trainer: L.Trainer) -> None:
+        """After a task's end (the methods' on_task_end has run): the bytes of what the methods checkpoint."""
+        if self._task_ended:
+            self._task_ended = False
+            methods = [cb for cb in trainer.callbacks if isinstance(cb, ContinualMethod)]  # type: ignore[attr-defined]
+            self._state_bytes.append(sum(tensor_bytes(m.state_dict()) for m in methods))
 
     @override
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
@@ -117,12 +156,21 @@ class StreamReport(L.Callback):
                 prefix = "val_task_aware_" if validation else "task_aware_"
                 entries = _results(aware, torch.full((aware.shape[1],), math.nan))
                 results.update({prefix + k: v for k, v in entries.items() if k not in ("initial_accuracy", "fwt")})
+        self._count_state(trainer)
+        peak, kind = peak_memory(pl_module.device)
+        if trainer.world_size > 1:  # the most any rank held
+            peak = int(trainer.strategy.reduce(torch.tensor(peak, device=pl_module.device), reduce_op="max"))
         self.metrics = {
             **results,
             "num_tasks": dm.num_tasks,
             "tasks_completed": len(rows),
             **self.info,
             "wall_time_s": round(self.elapsed(), 3),
+            "examples_seen": self._examples,
+            "method_state_bytes": self._state_bytes,
+            "method_state_bytes_max": max(self._state_bytes, default=0),
+            "peak_memory_bytes": peak,
+            "peak_memory_kind": kind,
             "stream": dm.describe(),
         }
         for curve in _curves(trainer):

@@ -4,10 +4,14 @@ python scripts/summarize.py multirun/2026-11-22_10-00-00            # Markdown t
 python scripts/summarize.py outputs --plot                         # and a bar chart, summary.png
 python scripts/summarize.py multirun/lambda_sweep --select          # per method, the setting with the best
                                                                    # validation accuracy, and its test accuracy
+python scripts/summarize.py multirun/seeds --compare ewc finetune  # a paired test over the seeds both ran
 
 Runs are grouped by stream (dataset, scenario, number of tasks), method and hyperparameter setting: the
 config keys whose values differ between runs of the same stream and method, except the seed and keys that
 do not change what is learnt (paths, logging, hardware). A row is one setting, averaged over its seeds.
+Beside the accuracies, what the runs cost where their ``metrics.json`` records it: training time, examples seen,
+the bytes the method keeps, peak memory; and, for runs with continual evaluation (``eval_every``), min-ACC and
+WC-ACC.
 """
 
 from __future__ import annotations
@@ -35,6 +39,15 @@ from lifelong.metrics.continual import SUMMARY_KEYS
 METRICS = SUMMARY_KEYS
 LABELS = {"avg_accuracy": "ACC", "bwt": "BWT", "forgetting": "forgetting", "fwt": "FWT", "learning_accuracy": "LA"}
 LABELS["task_aware_avg_accuracy"] = "Task-IL ACC"
+LABELS.update(min_acc="min-ACC", wc_acc="WC-ACC")
+STABILITY = ("min_acc", "wc_acc")  # columns where some run measured a continual-evaluation curve
+# what a run cost, by its metrics.json key: the column's label and how a value is shown
+COST = {
+    "wall_time_s": ("time (s)", lambda v: f"{v:.1f}"),
+    "examples_seen": ("examples (k)", lambda v: f"{v / 1e3:.1f}"),
+    "method_state_bytes_max": ("method state (MiB)", lambda v: f"{v / 2**20:.2f}"),
+    "peak_memory_bytes": ("peak memory (MiB)", lambda v: f"{v / 2**20:.0f}"),
+}
 SELECT_ON = "val_avg_accuracy"
 # the class scenario's Task-IL view of the same runs (each sample ranked among its own task's classes): a column
 # of the table where some run has it
@@ -53,6 +66,7 @@ class Group:
     values: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))
     seeds: list[Any] = field(default_factory=list)
     folders: list[Path] = field(default_factory=list)
+    runs: list[dict[str, Any]] = field(default_factory=list)  # each run's metrics.json, in the order of `seeds`
 
     @property
     def stream(self) -> tuple[str, str, int, str]:
@@ -104,11 +118,12 @@ def collect(root: Path) -> tuple[list[Group], list[str]]:
         for folder, m, config in members:
             setting = tuple((k, config.get(k, "-")) for k in varying)
             group = groups.setdefault((*key, setting), Group(*key, setting=setting))
-            for k in (*METRICS, SELECT_ON, TASK_AWARE):
+            for k in (*METRICS, SELECT_ON, TASK_AWARE, *STABILITY, *COST):
                 if m.get(k) is not None:
                     group.values[k].append(float(m[k]))
             group.seeds.append(m.get("seed"))
             group.folders.append(folder)
+            group.runs.append(m)
     ordered = sorted(
         groups.values(), key=lambda g: (g.dataset, g.scenario, g.num_tasks, _method_order(g.method), g.setting)
     )
@@ -160,20 +175,28 @@ def _method_cell(g: Group) -> str:
 
 def markdown(groups: Sequence[Group]) -> str:
     """The table: one row per stream, method and setting; percentages, mean ± std over the runs (seeds). With
-    class-scenario runs, a last column gives their task-aware (Task-IL) ACC."""
-    keys = _table_keys(groups)
+    class-scenario runs, a column gives their task-aware (Task-IL) ACC; with continual evaluation, min-ACC and
+    WC-ACC; then the means of what the runs cost, where their metrics record it."""
+    keys, cost = _table_keys(groups), _cost_keys(groups)
     head = ["dataset", "scenario", "tasks", "method", "runs", *(f"{LABELS[k]} (%)" for k in keys)]
+    head += [COST[k][0] for k in cost]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for g in groups:
         runs = len(g.seeds)
         cells = [g.dataset, g.scenario, str(g.num_tasks), _method_cell(g), str(runs)]
         cells += [_pct(g.mean(k), g.std(k), runs) for k in keys]
+        cells += [COST[k][1](g.mean(k)) if g.values[k] else "n/a" for k in cost]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def _table_keys(groups: Sequence[Group]) -> tuple[str, ...]:
-    return (*METRICS, TASK_AWARE) if any(g.values[TASK_AWARE] for g in groups) else METRICS
+    extra = [k for k in (TASK_AWARE, *STABILITY) if any(g.values[k] for g in groups)]
+    return (*METRICS, *extra)
+
+
+def _cost_keys(groups: Sequence[Group]) -> tuple[str, ...]:
+    return tuple(k for k in COST if any(g.values[k] for g in groups))
 
 
 def selection_markdown(chosen: Sequence[Selection]) -> str:
@@ -190,7 +213,7 @@ def selection_markdown(chosen: Sequence[Selection]) -> str:
 
 
 def write_csv(groups: Sequence[Group], path: Path) -> None:
-    keys = (*_table_keys(groups), SELECT_ON)
+    keys = (*_table_keys(groups), SELECT_ON, *_cost_keys(groups))
     with atomic_open(path, newline="") as f:
         writer = csv.writer(f)
         stats = [f"{k}_{s}" for k in keys for s in ("mean", "std")]
@@ -246,6 +269,14 @@ def _main(argv: Iterable[str] | None = None) -> int:
         help="per stream and method, the setting with the best mean validation accuracy and its test results "
         "(FOLDER/selection.csv); needs runs with dataset.val_fraction > 0",
     )
+    parser.add_argument(
+        "--compare",
+        nargs=2,
+        metavar=("A", "B"),
+        help="a paired test over seeds of method A against method B on each stream both ran (names as the table "
+        "shows them)",
+    )
+    parser.add_argument("--metric", default="avg_accuracy", help="what --compare compares (a metrics.json key)")
     args = parser.parse_args(list(argv) if argv is not None else None)
     if not args.folder.is_dir():
         print(f"error: {args.folder} is not a folder", file=sys.stderr)
@@ -258,6 +289,8 @@ def _main(argv: Iterable[str] | None = None) -> int:
         return 2
     if args.select:
         return _print_selection(groups, args.folder, args.csv)
+    if args.compare:
+        return _print_comparison(groups, args.compare[0], args.compare[1], args.metric)
     print(markdown(groups))
     out = args.csv or args.folder / "summary.csv"
     write_csv(groups, out)
@@ -266,6 +299,18 @@ def _main(argv: Iterable[str] | None = None) -> int:
         png = args.folder / "summary.png"
         save_atomic(png, functools.partial(bar_chart(groups).savefig, format="png"))
         print(f"bar chart written to {png}")
+    return 0
+
+
+def _print_comparison(groups: Sequence[Group], a: str, b: str, metric: str) -> int:
+    from lifelong.metrics.compare import compare, report
+
+    try:
+        comparisons = compare(groups, a, b, metric)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print("\n\n".join(report(c) for c in comparisons))
     return 0
 
 
