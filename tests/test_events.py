@@ -62,13 +62,13 @@ class SinglePassSplit(SplitStream):
         ]
         return _Chained(self._loaders)
 
-    def boundaries(self) -> list[int]:
+    def last_steps(self) -> list[int]:
         """The batch index of each task's last step in the epoch."""
         ends = torch.tensor([len(loader) for loader in self._loaders]).cumsum(0) - 1
         return ends.tolist()
 
     def step(self, epoch: int, batch: int, num_batches: int) -> Step:
-        ends = self.boundaries()
+        ends = self.last_steps()
         task = next(t for t, end in enumerate(ends) if batch <= end)
         start = ends[task - 1] + 1 if task else 0
         return Step(task=task, epoch_in_task=0, starts_task=batch == start, ends_task=batch == ends[task])
@@ -119,7 +119,7 @@ def test_every_method_gets_its_task_end_at_a_boundary_inside_the_epoch(name, mni
     module = ContinualClassifier.for_stream(net, functools.partial(torch.optim.Adam, lr=1e-3), stream)
     metrics = train_stream(stream, module, tmp_path, callbacks=[method, recorder], logger=False, progress_bar=False)
 
-    last_steps = stream.boundaries()
+    last_steps = stream.last_steps()
     assert last_steps[0] > 0 and last_steps[1] < last_steps[-1]  # boundaries inside the one epoch
     assert ends == [(t, end, t == 2) for t, end in enumerate(last_steps)]
     starts = [0, last_steps[0] + 1, last_steps[1] + 1]

@@ -28,7 +28,7 @@ from lifelong.data import TaskStream
 from lifelong.errors import ConfigError, LifelongError
 from lifelong.evaluation import ContinualEvaluation
 from lifelong.methods import ContinualMethod, ExperienceReplay
-from lifelong.methods.base import stream_needs
+from lifelong.methods.base import check_boundaries, stream_needs
 from lifelong.models import ContinualClassifier
 from lifelong.run import STREAM_TRAINER_ARGS
 
@@ -86,6 +86,7 @@ class TrainOptions(TypedDict):
     eval_subset: int | None
     eval_redraw: bool
     eval_split: Literal["test", "val"]
+    boundaries: Literal["given", "hidden"]
 
 
 GROUPS = ("dataset", "model", "optimizer", "method", "replay", "trainer", "logger")
@@ -141,6 +142,7 @@ def build_parts(cfg: DictConfig) -> tuple[TaskStream, list[Any]]:
         callbacks.append(build_part("replay", cfg.replay))
     try:
         stream_needs(callbacks)  # two methods that need incompatible things from the stream
+        check_boundaries(callbacks, datamodule, cfg.boundaries, cfg.class_outputs)  # hidden or mixed boundaries
     except ValueError as err:
         raise ConfigError(str(err)) from None
     if cfg.get("eval_every") is not None:  # continual evaluation beside the task-end one
@@ -169,6 +171,7 @@ def build_module(cfg: DictConfig, datamodule: TaskStream, method: ContinualMetho
         datamodule,
         reset_optimizer=cfg.reset_optimizer,
         class_outputs=cfg.class_outputs,
+        boundaries=cfg.boundaries,
     )
     try:
         module.configure_optimizers()

@@ -35,6 +35,8 @@ PURPOSES = {
     "dwa_anchor_samples": 14,  # DWA: the low-complexity samples its anchors are made of
     "dwa_negative_search": 15,  # DWA: the random directions tried for the negative anchor
     "eval_subset": 16,  # continual evaluation: the samples of each task it evaluates (epoch: the step, if redrawn)
+    "stream_order": 17,  # blurry and fuzzy streams: which samples move, the orders and the ramps' draws
+    "task_sizes": 18,  # dataset.task_sizes: the training samples each task keeps
 }
 
 

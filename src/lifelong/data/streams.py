@@ -32,6 +32,8 @@ import lightning as L
 import torch
 from typing_extensions import override
 
+from lifelong.data.arguments import check_arguments
+from lifelong.data.boundaries import Boundaries, fingerprint
 from lifelong.data.schedule import Step, StreamNeeds
 from lifelong.data.tensors import Augment, Batch, BatchTransform, TaskData, TensorBatchLoader
 from lifelong.data.transforms import channel_mean_std
@@ -69,6 +71,12 @@ class TaskStream(L.LightningDataModule):
             validation set, every task end evaluates validation and test separately, and validation is what
             a sweep should select on. ``0`` (the class's default) trains on all of it; ``conf/dataset``
             sets 0.1 for runs from the command line.
+        online: the online setting: every training sample is seen once (``epochs_per_task`` must be 1); use
+            small batches (``batch_size=10``).
+        task_sizes: the training samples each task keeps (a seeded subset, after the validation split), for
+            tasks of different lengths; ``None`` keeps them all.
+        boundary, blur, blur_into, ramp_width: how tasks meet: ``"sharp"``, ``"blurry"`` or ``"fuzzy"`` (see
+            [`lifelong.data.boundaries`][lifelong.data.boundaries]).
     """
 
     scenarios: tuple[str, ...] = ("task", "domain", "class")
@@ -90,24 +98,23 @@ class TaskStream(L.LightningDataModule):
         scenario: str | None = None,
         standardize: bool = True,
         val_fraction: float = 0.0,
+        online: bool = False,
+        task_sizes: list[int] | None = None,
+        boundary: str = "sharp",
+        blur: float = 0.1,
+        blur_into: str = "others",
+        ramp_width: int = 1000,
     ) -> None:
         super().__init__()
+        self.boundary = Boundaries(boundary, blur, blur_into, ramp_width)
+        self.online, self.task_sizes = bool(online), None if task_sizes is None else [int(n) for n in task_sizes]
         scenario = scenario or self.default_scenario
-        if scenario not in self.scenarios:
-            raise ValueError(
-                f"dataset.scenario must be one of {list(self.scenarios)} for {type(self).__name__}, got {scenario!r}"
-            )
-        for name, value in (
-            ("num_tasks", num_tasks),
-            ("epochs_per_task", epochs_per_task),
-            ("batch_size", batch_size),
-            ("eval_batch_size", eval_batch_size),
-        ):
-            if int(value) < 1:
-                raise ValueError(f"dataset.{name} must be at least 1, got {value}")
-        for name, limit in (("max_train_samples", max_train_samples), ("max_test_samples", max_test_samples)):
-            if limit is not None and int(limit) < 1:
-                raise ValueError(f"dataset.{name} must be a positive number or null, got {limit}")
+        check_arguments(
+            type(self).__name__, self.scenarios, scenario, num_tasks=num_tasks, epochs_per_task=epochs_per_task,
+            batch_size=batch_size, eval_batch_size=eval_batch_size, max_train_samples=max_train_samples,
+            max_test_samples=max_test_samples, standardize=standardize, val_fraction=val_fraction, online=online,
+            task_sizes=task_sizes,
+        )  # fmt: skip
         self.num_tasks = int(num_tasks)
         self.epochs_per_task = int(epochs_per_task)
         self.batch_size = int(batch_size)
@@ -119,14 +126,7 @@ class TaskStream(L.LightningDataModule):
         self.max_train_samples = max_train_samples
         self.max_test_samples = max_test_samples
         self.scenario = scenario
-        if not isinstance(standardize, bool):
-            raise ValueError(f"dataset.standardize must be true or false, got {standardize!r}")
         self.standardize = standardize
-        if isinstance(val_fraction, bool) or not isinstance(val_fraction, (int, float)) or not 0 <= val_fraction < 1:
-            raise ValueError(
-                f"dataset.val_fraction must be a number in [0, 1) (the share of each task's training data held "
-                f"out for validation; 0 for none), got {val_fraction!r}"
-            )
         self.val_fraction = float(val_fraction)
         self.transform: BatchTransform | None = None
         self.augment: Augment | None = None  # a random augmentation of training batches
@@ -137,6 +137,7 @@ class TaskStream(L.LightningDataModule):
         self._train: list[TaskData] = []
         self._test: list[TaskData] = []
         self._val: list[TaskData] = []  # empty without a validation split
+        self._segments: list[TaskData] = []  # what each task trains on (its samples, or a blurry/fuzzy segment)
         self._device = torch.device("cpu")
         self.needs = StreamNeeds()  # what the run's methods declared (serve()); read by the training loader
 
@@ -263,6 +264,12 @@ class TaskStream(L.LightningDataModule):
                         "val_fraction"
                     )
                 self._val.append(held_out)
+        if self.task_sizes is not None:
+            self._train = [
+                d.subset(n, generator(self.seed, "task_sizes", task=t))
+                for t, (d, n) in enumerate(zip(self._train, self.task_sizes, strict=True))
+            ]
+        self._segments = self.boundary.segments(self._train, self.seed)
 
     @property
     def has_validation(self) -> bool:
@@ -285,7 +292,7 @@ class TaskStream(L.LightningDataModule):
                 moved[id(t)] = t.to(device)
             return moved[id(t)]
 
-        for tasks in (self._train, self._val, self._test):
+        for tasks in (self._train, self._val, self._test, self._segments):
             for i, d in enumerate(tasks):
                 tasks[i] = TaskData(move(d.images), move(d.labels), move(d.rows), move(d.tasks), d.task)
         to = getattr(self.transform, "to", None)
@@ -296,8 +303,9 @@ class TaskStream(L.LightningDataModule):
         self._device = device
 
     def train_data(self, task: int) -> TaskData:
-        """The training samples of ``task`` (what methods estimate importances on)."""
-        return self._train[task]
+        """The training samples of ``task``, as it trains on them (what methods estimate importances on): with
+        blurry or fuzzy boundaries, its segment, which holds other tasks' samples too."""
+        return self._segments[task]
 
     def test_data(self, task: int) -> TaskData:
         return self._test[task]
@@ -327,18 +335,18 @@ class TaskStream(L.LightningDataModule):
         trainer = self.trainer
         return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
 
-    def loader(self, data: TaskData, *, train: bool, epoch: int = 0, rows: bool = False) -> TensorBatchLoader:
-        """A loader over ``data``: shuffled and padded across ranks for training, in order otherwise.
-
-        With ``rows``, batches carry each sample's row in the base tensors (`Batch.rows`).
-        """
+    def loader(
+        self, data: TaskData, *, train: bool, epoch: int = 0, rows: bool = False, shuffle: bool | None = None
+    ) -> TensorBatchLoader:
+        """A loader over ``data``: shuffled (unless ``shuffle=False``) and padded across ranks for training, in
+        order otherwise. With ``rows``, batches carry each sample's row in the base tensors (`Batch.rows`)."""
         assert self.transform is not None, "call setup() first"
         rank, world = self._rank()
         return TensorBatchLoader(
             data,
             self.batch_size if train else self.eval_batch_size,
             self.transform,
-            shuffle=train,
+            shuffle=train if shuffle is None else shuffle,
             seed=self.seed,
             epoch=epoch,
             rank=rank,
@@ -353,10 +361,12 @@ class TaskStream(L.LightningDataModule):
         epoch = self.trainer.current_epoch if self.trainer is not None else 0
         task = self.task_of_epoch(epoch)
         needs = self.needs
-        data = TaskData.concat(self._train[: task + 1]) if self.cumulative or needs.cumulative else self._train[task]
+        cumulative = self.cumulative or needs.cumulative
+        data = TaskData.concat(self._segments[: task + 1]) if cumulative else self._segments[task]
         if needs.training_data is not None:
             data = needs.training_data(self, data, task, self.epoch_in_task(epoch)[0])
-        return self.loader(data, train=True, epoch=epoch, rows=needs.rows)
+        ordered = self.boundary.kind == "fuzzy" and not cumulative  # a ramp is an order: not reshuffled
+        return self.loader(data, train=True, epoch=epoch, rows=needs.rows, shuffle=not ordered)
 
     def eval_loaders(self) -> list[TensorBatchLoader]:
         """What each task end evaluates: every task's validation set (if any), then every task's test set.
@@ -390,6 +400,14 @@ class TaskStream(L.LightningDataModule):
             "train_sizes": [len(d) for d in self._train],
             "test_sizes": [len(d) for d in self._test],
             **({"val_fraction": self.val_fraction, **_val_fingerprint(self._val)} if self.val_fraction > 0 else {}),
+            **({"online": True} if self.online else {}),
+            **({"task_sizes": self.task_sizes} if self.task_sizes is not None else {}),
+            **self.boundary.describe(),
+            **(
+                {"segment_sizes": [len(d) for d in self._segments], "segment_sha1": fingerprint(self._segments)}
+                if self.boundary.mixes
+                else {}
+            ),
         }
 
     def state_dict(self) -> dict[str, Any]:

@@ -132,6 +132,13 @@ class ContinualMethod(Callback):
     name = "method"
     needs_rows = False  # training batches carry each sample's row (Batch.rows): its identity
     needs_cumulative_data = False  # task t trains on tasks 0..t (the joint baseline)
+    trains_on_stream = True  # False: the stream's batches train nothing (GDumb learns from its memory alone)
+
+    @property
+    def needs_boundaries(self) -> bool:
+        """Whether the method needs the task events: it acts at a task's start or end, or trains on tasks 0..t.
+        ``boundaries=hidden`` refuses such a method (`check_boundaries`); a task-free one leaves both hooks alone."""
+        return overrides(self, "on_task_start") or overrides(self, "on_task_end") or self.needs_cumulative_data
 
     def configure_network(self, net: nn.Module, stream: TaskStream) -> nn.Module:
         """The network to train, given the model's: methods that change the network (HAT's masks) wrap it here.
@@ -144,6 +151,10 @@ class ContinualMethod(Callback):
         """The samples an epoch of ``task`` trains on, given the stream's (``data``): overridden by a method that
         chooses them (DWA's curriculum, iCaRL's exemplars). At most one method of a run may."""
         return data
+
+    def before_evaluation(self, trainer: L.Trainer, module: ContinualModule) -> None:
+        """Before each task-end evaluation, with the task events given or hidden: a method that prepares its
+        network for testing (GDumb trains it on its memory) does it here."""
 
     def on_task_start(self, trainer: L.Trainer, module: ContinualModule, task: int) -> None:
         """Before the first training step of ``task``."""
@@ -193,6 +204,39 @@ def stream_needs(methods: Sequence[ContinualMethod]) -> StreamNeeds:
         cumulative=any(m.needs_cumulative_data for m in methods),
         training_data=chooser.training_data if chooser is not None else None,
     )
+
+
+BOUNDARIES = ("given", "hidden")  # what the methods are told of the task boundaries
+TASK_FREE = "finetune, der, derpp, er_ace, gdumb, or ewc, online_ewc, mas, si with method.consolidate=plateau|every"
+
+
+def check_boundaries(
+    methods: Sequence[ContinualMethod], stream: TaskStream, boundaries: str, class_outputs: str
+) -> None:
+    """Refuse what cannot run with the task boundaries ``boundaries`` (given or hidden from the methods) on
+    ``stream``: a method that needs them when they are hidden, and the class scenario's head of the classes seen so
+    far (``class_outputs="seen"``, set by the task being trained) when they are hidden or the stream mixes tasks."""
+    if boundaries not in BOUNDARIES:
+        raise ValueError(f"boundaries must be one of {list(BOUNDARIES)}, got {boundaries!r}")
+    if boundaries == "hidden":
+        needing = [m.name for m in methods if m.needs_boundaries]
+        if needing:
+            raise ValueError(
+                f"method={needing[0]} needs the task boundaries (it acts at task ends or trains on the tasks so far), "
+                f"and boundaries=hidden hides them from the methods: use boundaries=given, or a task-free method "
+                f"({TASK_FREE})"
+            )
+    mixed = stream.boundary.mixes
+    if stream.scenario == "class" and class_outputs == "seen" and (boundaries == "hidden" or mixed):
+        why = (
+            f"dataset.boundary={stream.boundary.kind} puts later tasks' classes in earlier tasks"
+            if mixed
+            else ("boundaries=hidden keeps the task being trained from the methods")
+        )
+        raise ValueError(
+            f"class_outputs=seen sets the class scenario's head by the task being trained, but {why}: use "
+            "class_outputs=all (every output trained from the first step, as Mammoth and the online literature do)"
+        )
 
 
 def frozen_copy(net: nn.Module) -> nn.Module:

@@ -18,42 +18,13 @@ from lifelong.data.schedule import Step
 from lifelong.data.streams import TaskStream, stream_of
 from lifelong.data.tensors import Batch
 from lifelong.errors import NonFiniteLossError
-from lifelong.methods.base import ContinualMethod, log_now, stream_needs
+from lifelong.methods.base import BOUNDARIES, ContinualMethod, check_boundaries, log_now, stream_needs
+from lifelong.models.watch import LossWatch
 
 log = logging.getLogger(__name__)
 
 SCENARIOS = ("task", "domain", "class")
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], Optimizer]
-
-
-class LossWatch:
-    """Where the training loss first became NaN or infinite, noted on the loss's device with no host sync.
-
-    On a CPU the module checks every step's loss before the step (free there); on an accelerator that check
-    would wait for the device at every step, so each step only records, on the device, the first non-finite
-    loss with its batch and step, and `found` (one sync) is read at steps that sync anyway (the log
-    steps), before each task's evaluation and at each epoch end: a NaN never reaches a checkpoint.
-    """
-
-    def __init__(self) -> None:
-        self._noted: tuple[Tensor, Tensor, Tensor] | None = None  # loss, batch, step; batch -1 while all finite
-
-    def note(self, loss: Tensor, batch_idx: int, step: int) -> None:
-        loss = loss.detach().float()
-        if self._noted is None or self._noted[0].device != loss.device:
-            none = torch.full((), -1, dtype=torch.long, device=loss.device)
-            self._noted = (torch.zeros((), device=loss.device), none, none.clone())
-        value, batch, at = self._noted
-        new = torch.isfinite(loss).logical_not() & (batch < 0)  # (), on the device; Python numbers need no copy
-        self._noted = (torch.where(new, loss, value), torch.where(new, batch_idx, batch), torch.where(new, step, at))
-
-    def found(self) -> tuple[float, int, int] | None:
-        """``(loss, batch, step)`` of the first non-finite loss noted, or ``None`` (reads the device once)."""
-        if self._noted is None:
-            return None
-        value, batch, step = self._noted
-        first, at = torch.stack([batch, step]).tolist()
-        return None if first < 0 else (float(value), int(first), int(at))
 
 
 class ContinualClassifier(L.LightningModule):
@@ -99,6 +70,9 @@ class ContinualClassifier(L.LightningModule):
         class_outputs: the class scenario's head: ``"seen"`` (the outputs of the classes seen so far, the
             default: a class's output is trained from its task on) or ``"all"`` (every output from the first
             task on, so the cross-entropy pushes the classes still to come down).
+        boundaries: ``"given"`` (the default): the methods get the task events and the optimizer's state is
+            cleared at each task start; ``"hidden"``: neither (task-free learning); the evaluation at each task
+            end, which belongs to the scenario, runs either way. Methods that need the events are refused.
     """
 
     takes_task = True  # forward(x, task); see lifelong.methods.fisher.call_model
@@ -121,6 +95,7 @@ class ContinualClassifier(L.LightningModule):
         task_classes: Sequence[Sequence[int]] | None = None,
         validation: bool = False,
         class_outputs: str = "seen",
+        boundaries: str = "given",
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["net", "optimizer"])
@@ -139,6 +114,9 @@ class ContinualClassifier(L.LightningModule):
         self.reset_optimizer = reset_optimizer
         self.scenario = scenario
         self.class_outputs = class_outputs
+        if boundaries not in BOUNDARIES:
+            raise ValueError(f"boundaries must be one of {list(BOUNDARIES)}, got {boundaries!r}")
+        self.boundaries = boundaries
         self.task_classes = classes
         self.current_task = 0  # the task being trained (set by the stream's clock); the class scenario's heads
         mask = torch.zeros(num_tasks, num_classes, dtype=torch.bool)
@@ -162,6 +140,7 @@ class ContinualClassifier(L.LightningModule):
         self._loss_method: ContinualMethod | None = None  # the method whose loss replaces the cross-entropy
         self._loss_watch = LossWatch()
         self._step: Step | None = None  # where the current training step falls in the stream
+        self._trains = True  # some method trains the network on the stream's batches
 
     @classmethod
     def for_stream(cls, net: nn.Module, optimizer: OptimizerFactory, stream: TaskStream, **kwargs: Any) -> Self:
@@ -240,7 +219,9 @@ class ContinualClassifier(L.LightningModule):
         """The run's methods, and what they need from the stream (refused here if two need incompatible things)."""
         callbacks = self.trainer.callbacks  # type: ignore[attr-defined]
         self._methods = [cb for cb in callbacks if isinstance(cb, ContinualMethod)]
+        check_boundaries(self._methods, self.stream, self.boundaries, self.class_outputs)
         self.stream.serve(stream_needs(self._methods))
+        self._trains = any(m.trains_on_stream for m in self._methods) or not self._methods
         base = ContinualMethod.classification_loss
         replacing = [m for m in self._methods if type(m).classification_loss is not base]
         self._loss_method = replacing[0] if replacing else None  # chosen once, not looked up every step
@@ -264,7 +245,7 @@ class ContinualClassifier(L.LightningModule):
         step = self.stream.step(trainer.current_epoch, batch_idx, int(trainer.num_training_batches))
         self._step = step
         self.current_task = step.task
-        if step.starts_task:
+        if step.starts_task and self.boundaries == "given":
             if self.reset_optimizer and step.task > 0:
                 for opt in trainer.optimizers:
                     opt.state.clear()  # optimizers re-create their state lazily at the next step
@@ -280,8 +261,10 @@ class ContinualClassifier(L.LightningModule):
         if step is None or not step.ends_task:
             return
         trainer = self.trainer
-        for method in self._methods:
+        for method in self._methods if self.boundaries == "given" else ():
             method.on_task_end(trainer, self, step.task, last=step.task == self.num_tasks - 1)
+        for method in self._methods:
+            method.before_evaluation(trainer, self)
         self._evaluate(step.task)
 
     @override
@@ -291,7 +274,9 @@ class ContinualClassifier(L.LightningModule):
         self.log("task", float(len(self.completed_rows())), logger=False, sync_dist=True)
 
     @override
-    def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
+    def training_step(self, batch: Batch, batch_idx: int) -> Tensor | None:
+        if not self._trains:  # the methods learn from something else (GDumb's memory): no step on the stream
+            return None
         x, task = batch.x, batch.task
         outputs = self.outputs(x, task)
         loss = self._classification_loss(batch, outputs)
