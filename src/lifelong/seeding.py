@@ -37,6 +37,8 @@ PURPOSES = {
     "eval_subset": 16,  # continual evaluation: the samples of each task it evaluates (epoch: the step, if redrawn)
     "stream_order": 17,  # blurry and fuzzy streams: which samples move, the orders and the ramps' draws
     "task_sizes": 18,  # dataset.task_sizes: the training samples each task keeps
+    "gdumb_init": 19,  # GDumb: the fresh network it trains on its memory
+    "gdumb_order": 20,  # GDumb: the order of the memory's samples in each pass (epoch: the training's number)
 }
 
 

@@ -75,8 +75,11 @@ class TaskStream(L.LightningDataModule):
             small batches (``batch_size=10``).
         task_sizes: the training samples each task keeps (a seeded subset, after the validation split), for
             tasks of different lengths; ``None`` keeps them all.
-        boundary, blur, blur_into, ramp_width: how tasks meet: ``"sharp"``, ``"blurry"`` or ``"fuzzy"`` (see
-            [`lifelong.data.boundaries`][lifelong.data.boundaries]).
+        boundary: how tasks meet: ``"sharp"``, ``"blurry"`` or ``"fuzzy"``
+            ([`lifelong.data.boundaries`][lifelong.data.boundaries]).
+        blur: blurry: the share of each task's samples moved into other tasks.
+        blur_into: blurry: ``"others"`` or ``"neighbours"``.
+        ramp_width: fuzzy: the samples of the ramp around each boundary.
     """
 
     scenarios: tuple[str, ...] = ("task", "domain", "class")

@@ -4,9 +4,11 @@ from lifelong.methods.agem import AGEM
 from lifelong.methods.base import ContinualMethod
 from lifelong.methods.der import DarkExperienceReplay
 from lifelong.methods.dwa import DWA, DWANet
+from lifelong.methods.er_ace import ERACE
 from lifelong.methods.ewc import EWC
 from lifelong.methods.finetune import Finetune
 from lifelong.methods.fisher import FisherSums, fisher_sums, per_sample_loop_fisher
+from lifelong.methods.gdumb import GDumb
 from lifelong.methods.hat import HAT, HATNet
 from lifelong.methods.icarl import ICaRL
 from lifelong.methods.joint import Joint
@@ -20,6 +22,7 @@ from lifelong.methods.si import SI
 __all__ = [
     "AGEM",
     "DWA",
+    "ERACE",
     "EWC",
     "HAT",
     "L2",
@@ -31,6 +34,7 @@ __all__ = [
     "ExperienceReplay",
     "Finetune",
     "FisherSums",
+    "GDumb",
     "HATNet",
     "ICaRL",
     "Joint",

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
 import lightning as L
 from torch import Tensor
 
+from lifelong.data.tensors import TaskData
 from lifelong.methods.base import ContinualModule
 from lifelong.methods.fisher import FISHER_TYPES, fisher_sums
-from lifelong.methods.quadratic import QuadraticRegularizer, all_reduce_mean, check_strength, task_sample
+from lifelong.methods.quadratic import QuadraticRegularizer, all_reduce_mean, check_strength
 from lifelong.seeding import generator
 
 
@@ -51,8 +53,9 @@ class EWC(QuadraticRegularizer):
         num_samples: int | None = None,
         mode: str = "separate",
         decay: float = 1.0,
+        **trigger: Any,
     ) -> None:
-        super().__init__(mode=mode, decay=decay)
+        super().__init__(mode=mode, decay=decay, **trigger)
         if fisher_type not in FISHER_TYPES:
             raise ValueError(f"method.fisher_type must be one of {list(FISHER_TYPES)}, got {fisher_type!r}")
         if num_samples is not None and num_samples < 1:
@@ -70,13 +73,12 @@ class EWC(QuadraticRegularizer):
         """The latest task's Fisher."""
         return self.last_importance
 
-    def task_importance(
-        self, trainer: L.Trainer, module: ContinualModule, task: int, params: Mapping[str, Tensor]
+    def importance_on(
+        self, trainer: L.Trainer, module: ContinualModule, data: TaskData, params: Mapping[str, Tensor], key: int
     ) -> dict[str, Tensor]:
-        """The diagonal Fisher of ``task``, over its training data (or ``num_samples`` of it)."""
+        """The diagonal Fisher over ``data`` (a finished task's training data, or ``num_samples`` of it)."""
         dm = module.stream
-        data = task_sample(dm, task, self.num_samples)
-        labels = generator(dm.seed, "fisher_labels", task=task, rank=trainer.global_rank)
+        labels = generator(dm.seed, "fisher_labels", task=key, rank=trainer.global_rank)
         sums = fisher_sums(
             module,  # type: ignore[arg-type]  # an nn.Module: ContinualModule is its view for methods
             dm.loader(data, train=False),

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
 import lightning as L
 import torch
 from torch import Tensor
 
+from lifelong.data.tensors import TaskData
 from lifelong.methods.base import ContinualModule
 from lifelong.methods.quadratic import QuadraticRegularizer, check_strength
 
@@ -30,15 +32,15 @@ class L2(QuadraticRegularizer):
 
     name = "l2"
 
-    def __init__(self, l2_lambda: float = 0.1, mode: str = "online", decay: float = 0.0) -> None:
-        super().__init__(mode=mode, decay=decay)
+    def __init__(self, l2_lambda: float = 0.1, mode: str = "online", decay: float = 0.0, **trigger: Any) -> None:
+        super().__init__(mode=mode, decay=decay, **trigger)
         self.l2_lambda = check_strength("l2_lambda", l2_lambda)
 
     @property
     def coefficient(self) -> float:
         return 0.5 * self.l2_lambda
 
-    def task_importance(
-        self, trainer: L.Trainer, module: ContinualModule, task: int, params: Mapping[str, Tensor]
+    def importance_on(
+        self, trainer: L.Trainer, module: ContinualModule, data: TaskData, params: Mapping[str, Tensor], key: int
     ) -> dict[str, Tensor]:
         return {n: torch.ones_like(p) for n, p in params.items()}

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
 import lightning as L
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
+from lifelong.data.tensors import TaskData
 from lifelong.methods.base import ContinualModule
 from lifelong.methods.fisher import Batches, FisherSums, PerSampleSums, call_model, per_sample_grad_powers
-from lifelong.methods.quadratic import QuadraticRegularizer, all_reduce_mean, check_strength, task_sample
+from lifelong.methods.quadratic import QuadraticRegularizer, all_reduce_mean, check_strength
 
 
 def _output_sq_norm(logits: Tensor) -> Tensor:
@@ -114,9 +116,14 @@ class MAS(QuadraticRegularizer):
     name = "mas"
 
     def __init__(
-        self, mas_lambda: float = 1.0, num_samples: int | None = None, mode: str = "online", decay: float = 1.0
+        self,
+        mas_lambda: float = 1.0,
+        num_samples: int | None = None,
+        mode: str = "online",
+        decay: float = 1.0,
+        **trigger: Any,
     ) -> None:
-        super().__init__(mode=mode, decay=decay)
+        super().__init__(mode=mode, decay=decay, **trigger)
         if num_samples is not None and num_samples < 1:
             raise ValueError(f"method.num_samples must be a positive number or null, got {num_samples}")
         self.mas_lambda = check_strength("mas_lambda", mas_lambda)
@@ -126,10 +133,9 @@ class MAS(QuadraticRegularizer):
     def coefficient(self) -> float:
         return self.mas_lambda
 
-    def task_importance(
-        self, trainer: L.Trainer, module: ContinualModule, task: int, params: Mapping[str, Tensor]
+    def importance_on(
+        self, trainer: L.Trainer, module: ContinualModule, data: TaskData, params: Mapping[str, Tensor], key: int
     ) -> dict[str, Tensor]:
         dm = module.stream
-        data = task_sample(dm, task, self.num_samples)
         sums = mas_sums(module, dm.loader(data, train=False), params=params)  # type: ignore[arg-type]
         return all_reduce_mean(trainer, sums.sums, sums.count)

@@ -7,6 +7,7 @@ merging over tasks, its gradient and its state are shared here.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from typing import Any
 
@@ -19,10 +20,12 @@ from typing_extensions import override
 from lifelong.data.streams import TaskStream
 from lifelong.data.tensors import TaskData
 from lifelong.errors import ResumeError
-from lifelong.methods.base import ContinualMethod, ContinualModule, log_now, refuse_sharded
+from lifelong.methods.base import ContinualMethod, ContinualModule, log_now, module_of, refuse_sharded
+from lifelong.methods.trigger import ConsolidationTrigger
 from lifelong.seeding import generator
 
 MODES = ("separate", "online")
+log = logging.getLogger(__name__)
 
 
 class QuadraticRegularizer(ContinualMethod):
@@ -48,15 +51,43 @@ class QuadraticRegularizer(ContinualMethod):
     needs no scaling of its own and is the same on every rank. Importances and anchors are saved through
     `state_dict`, so a checkpoint resumes them.
 
+    Task-free (``consolidate="every"`` or ``"plateau"``, [`lifelong.methods.trigger`][lifelong.methods.trigger]): the
+    method consolidates when its trigger fires - every ``consolidate_every`` steps, or on a loss plateau (Aljundi et
+    al., 2019) - on the most recent ``recent_samples`` training samples, and takes no task event (it runs with
+    ``boundaries=hidden``). Each consolidation is logged (``<name>/consolidations``, and a line in the run's log) and
+    kept in the state (``trigger.fired``: its step and why).
+
     Args:
         mode: ``"separate"`` or ``"online"``.
         decay: $\gamma \in [0, 1]$ of online mode (ignored in separate mode).
+        consolidate: ``"task_end"`` (the default), ``"every"`` or ``"plateau"``.
+        consolidate_every: ``"every"``: steps between consolidations.
+        plateau_steps: ``"plateau"``: the steps averaged into one loss observation.
+        plateau_window: ``"plateau"``: the observations in the window.
+        plateau_mean: ``"plateau"``: the threshold of the window's mean loss.
+        plateau_var: ``"plateau"``: the threshold of its variance.
+        recent_samples: task-free: the most recent training samples the importance is estimated on
+            (`lifelong.methods.trigger.ConsolidationTrigger`).
     """
 
     name = "quadratic"
 
-    def __init__(self, mode: str = "separate", decay: float = 1.0) -> None:
+    def __init__(
+        self,
+        mode: str = "separate",
+        decay: float = 1.0,
+        consolidate: str = "task_end",
+        consolidate_every: int = 1000,
+        plateau_steps: int = 10,
+        plateau_window: int = 5,
+        plateau_mean: float = 0.2,
+        plateau_var: float = 0.1,
+        recent_samples: int = 1000,
+    ) -> None:
         super().__init__()
+        self.trigger = ConsolidationTrigger(
+            consolidate, consolidate_every, plateau_steps, plateau_window, plateau_mean, plateau_var, recent_samples
+        )
         if mode not in MODES:
             raise ValueError(f"method.mode must be one of {list(MODES)}, got {mode!r}")
         if not 0.0 <= decay <= 1.0:
@@ -76,10 +107,27 @@ class QuadraticRegularizer(ContinualMethod):
         r"""$\kappa$, the factor in front of $\sum_i \Omega_i (\theta_i - \bar\theta_i)^2$."""
         raise NotImplementedError
 
+    @property
+    def needs_boundaries(self) -> bool:
+        return not self.trigger.task_free
+
+    @property
+    def needs_rows(self) -> bool:  # type: ignore[override]
+        return self.trigger.task_free  # the recent samples are remembered by their rows
+
     def task_importance(
         self, trainer: L.Trainer, module: ContinualModule, task: int, params: Mapping[str, Tensor]
     ) -> dict[str, Tensor]:
-        """The importance of each of ``params`` for the finished ``task`` (the same on every rank)."""
+        """The importance of each of ``params`` for the finished ``task`` (the same on every rank): on its training
+        data (or ``num_samples`` of it)."""
+        data = task_sample(module.stream, task, getattr(self, "num_samples", None))
+        return self.importance_on(trainer, module, data, params, key=task)
+
+    def importance_on(
+        self, trainer: L.Trainer, module: ContinualModule, data: TaskData, params: Mapping[str, Tensor], key: int
+    ) -> dict[str, Tensor]:
+        """The importance of each of ``params`` estimated on ``data`` (every rank's shard of it, all-reduced);
+        ``key`` numbers the estimate (the seed of its random draws)."""
         raise NotImplementedError
 
     # ---- the penalty -------------------------------------------------------------------------------
@@ -184,17 +232,43 @@ class QuadraticRegularizer(ContinualMethod):
         self._anchor = {n: t.to(device) for n, t in self._anchor.items()}
         self._const = self._const.to(device)
         self._diff = None
+        self.trigger.to(device)
 
     @override
     def on_task_end(self, trainer: L.Trainer, module: ContinualModule, task: int, last: bool) -> None:
         """Estimate the finished task's importance and consolidate (not after the last task: nothing is trained
-        after it, so its importance would never be used)."""
-        if last:
+        after it, so its importance would never be used); a task-free trigger ignores task ends."""
+        if last or self.trigger.task_free:
             return
         params = {n: p for n, p in module.named_parameters() if p.requires_grad}
         importance = self.task_importance(trainer, module, task, params)
         self.consolidate(importance, params)
         module.log_event({f"{self.name}/importance_mean": torch.stack([f.mean() for f in importance.values()]).mean()})
+
+    @override
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        """Task-free: show the step to the trigger, and consolidate when it fires."""
+        if not self.trigger.task_free:
+            return
+        loss = outputs["loss"] if isinstance(outputs, Mapping) else outputs
+        why = self.trigger.observe(trainer, batch.rows, batch.task, loss)
+        if why is None:
+            return
+        module = module_of(pl_module)
+        params = {n: p for n, p in module.named_parameters() if p.requires_grad}
+        data = self.trigger.recent(trainer, pl_module, module.stream)
+        importance = self.importance_on(trainer, module, data, params, key=self._num_consolidated)
+        self.consolidate(importance, params)
+        self.after_consolidation(params)
+        self.trigger.fired.append({"step": trainer.global_step, "why": why})
+        module.log_event({f"{self.name}/consolidations": float(self._num_consolidated)})
+        if trainer.is_global_zero:
+            log.info(f"{self.name}: consolidated at step {trainer.global_step}: {why}")
+
+    def after_consolidation(self, params: Mapping[str, Tensor]) -> None:
+        """After a task-free consolidation (SI starts a new path integral here)."""
 
     # ---- checkpointing -----------------------------------------------------------------------------
     @override
@@ -206,6 +280,7 @@ class QuadraticRegularizer(ContinualMethod):
             "num_consolidated": self._num_consolidated,
             "mode": self.mode,
             "decay": self.decay,
+            **({"trigger": self.trigger.state_dict()} if self.trigger.task_free else {}),
         }
 
     @override
@@ -220,6 +295,8 @@ class QuadraticRegularizer(ContinualMethod):
         self._const = state_dict["const"]
         self._num_consolidated = int(state_dict["num_consolidated"])
         self._diff = None
+        if "trigger" in state_dict:
+            self.trigger.load_state_dict(state_dict["trigger"])
 
 
 def task_sample(stream: TaskStream, task: int, num_samples: int | None) -> TaskData:

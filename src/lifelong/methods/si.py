@@ -11,6 +11,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 from typing_extensions import override
 
+from lifelong.data.tensors import TaskData
 from lifelong.methods.base import ContinualModule
 from lifelong.methods.quadratic import QuadraticRegularizer, check_strength
 
@@ -44,8 +45,10 @@ class SI(QuadraticRegularizer):
 
     name = "si"
 
-    def __init__(self, si_c: float = 1.0, xi: float = 1e-3, mode: str = "online", decay: float = 1.0) -> None:
-        super().__init__(mode=mode, decay=decay)
+    def __init__(
+        self, si_c: float = 1.0, xi: float = 1e-3, mode: str = "online", decay: float = 1.0, **trigger: Any
+    ) -> None:
+        super().__init__(mode=mode, decay=decay, **trigger)
         if not xi > 0:
             raise ValueError(f"method.xi must be > 0, got {xi}")
         self.si_c = check_strength("si_c", si_c)
@@ -106,8 +109,11 @@ class SI(QuadraticRegularizer):
     @override
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """A run resumed inside a task goes on with the integral its checkpoint holds, on the model's device."""
+        params = {n: p for n, p in pl_module.named_parameters() if p.requires_grad}
         if self._omega:
-            self._rebind({n: p for n, p in pl_module.named_parameters() if p.requires_grad})
+            self._rebind(params)
+        elif self.trigger.task_free:  # no task start will come: the integral starts with the stream
+            self.begin_task(params)
 
     def _rebind(self, params: Mapping[str, Tensor]) -> None:
         device = next(iter(params.values())).device
@@ -121,18 +127,26 @@ class SI(QuadraticRegularizer):
         super().on_before_optimizer_step(trainer, pl_module, optimizer)
 
     @override
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         self.record_step()
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)  # a task-free trigger
 
     @override
     def on_task_end(self, trainer: L.Trainer, module: ContinualModule, task: int, last: bool) -> None:
         super().on_task_end(trainer, module, task, last)  # consolidates
         self._omega = []  # the next task starts a new integral
 
-    def task_importance(
-        self, trainer: L.Trainer, module: ContinualModule, task: int, params: Mapping[str, Tensor]
+    def importance_on(
+        self, trainer: L.Trainer, module: ContinualModule, data: TaskData, params: Mapping[str, Tensor], key: int
     ) -> dict[str, Tensor]:
-        return self.path_importance()
+        return self.path_importance()  # integrated along the training path: no data
+
+    @override
+    def after_consolidation(self, params: Mapping[str, Tensor]) -> None:
+        self._omega = []  # a new integral from here
+        self.begin_task(dict(params))
 
     # ---- checkpointing -----------------------------------------------------------------------------
     @override

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -222,6 +223,8 @@ class ContinualClassifier(L.LightningModule):
         check_boundaries(self._methods, self.stream, self.boundaries, self.class_outputs)
         self.stream.serve(stream_needs(self._methods))
         self._trains = any(m.trains_on_stream for m in self._methods) or not self._methods
+        if not self._trains:  # on purpose: Lightning's warning that a step returned None would repeat it
+            warnings.filterwarnings("ignore", message=r".*`training_step` returned `None`")
         base = ContinualMethod.classification_loss
         replacing = [m for m in self._methods if type(m).classification_loss is not base]
         self._loss_method = replacing[0] if replacing else None  # chosen once, not looked up every step

@@ -21,6 +21,8 @@ class MLP(nn.Module):
         dropout: dropout probability after each hidden layer (0 disables it).
         init: ``"default"`` (PyTorch's ``nn.Linear`` initialisation) or ``"xavier"`` (Xavier-uniform weights and
             zero biases, as the official DER code's MNIST network).
+        norm: ``"none"`` or ``"batch"``: batch normalisation after each hidden layer's linear map (GDumb's MNIST
+            network).
     """
 
     def __init__(
@@ -30,8 +32,11 @@ class MLP(nn.Module):
         hidden_sizes: Sequence[int] = (400, 400),
         dropout: float = 0.0,
         init: str = "default",
+        norm: str = "none",
     ) -> None:
         super().__init__()
+        if norm not in ("none", "batch"):
+            raise ValueError(f"model.norm must be 'none' or 'batch', got {norm!r}")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"model.dropout must be in [0, 1), got {dropout}")
         if init not in ("default", "xavier"):
@@ -39,7 +44,7 @@ class MLP(nn.Module):
         layers: list[nn.Module] = [nn.Flatten()]
         width = math.prod(input_shape)
         for h in hidden_sizes:
-            layers += [nn.Linear(width, int(h)), nn.ReLU()]
+            layers += [nn.Linear(width, int(h)), *([nn.BatchNorm1d(int(h))] if norm == "batch" else []), nn.ReLU()]
             if dropout > 0:
                 layers.append(nn.Dropout(dropout))
             width = int(h)
