@@ -117,3 +117,32 @@ def test_task_free_methods_run_online_without_boundaries_and_resume_exactly(tmp_
         gd = next(v for k, v in state.items() if k.startswith("GDumb"))
         counts = torch.bincount(gd["classes"])
         assert len(gd["rows"]) == 200 and counts.max() - counts[counts > 0].min() <= 1 and gd["trainings"] == 3
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize(
+    "method",
+    [
+        ["method=gdumb", "method.buffer_size=100", "method.epochs=2", "model.norm=batch"],
+        ["method=ewc", "method.consolidate=every", "method.consolidate_every=1"],
+    ],
+    ids=["gdumb", "ewc_every"],
+)
+def test_task_free_methods_under_ddp(tmp_path, mnist_root, method):
+    """Two gloo processes: GDumb's memory (every rank's samples) and network (rank 0's, broadcast) and the task-free
+    EWC's consolidations (the recent samples of both ranks) go through the collectives and agree."""
+    args = [*method, "dataset=split_mnist", "dataset.num_tasks=2", "dataset.scenario=class", "class_outputs=all"]
+    args += ["dataset.max_train_samples=301", "trainer=ddp_cpu", *_common(mnist_root)]
+    proc = run_train(args, tmp_path / "ddp")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    m = read_metrics(tmp_path / "ddp")
+    ckpt = load_checkpoint(tmp_path / "ddp" / "checkpoints" / "task_2.ckpt")
+    states = ckpt["callbacks"]
+    if method[0] == "method=gdumb":
+        gd = next(v for k, v in states.items() if k.startswith("GDumb"))
+        assert len(gd["rows"]) == 100 and gd["trainings"] == 2 and m["avg_accuracy"] > 0.6
+    else:
+        ewc = next(v for k, v in states.items() if k.startswith("EWC"))
+        steps = ckpt["global_step"]
+        assert steps >= 4 and [f["step"] for f in ewc["trigger"]["fired"]] == list(range(1, steps + 1))
+        assert ewc["num_consolidated"] == steps

@@ -279,7 +279,10 @@ class ContinualClassifier(L.LightningModule):
     @override
     def training_step(self, batch: Batch, batch_idx: int) -> Tensor | None:
         if not self._trains:  # the methods learn from something else (GDumb's memory): no step on the stream
-            return None
+            if self.trainer.world_size == 1:
+                return None
+            # DDP cannot skip a step: a zero loss of every parameter (zero gradients; Adam's update stays 0)
+            return torch.stack([p.sum() for p in self.parameters() if p.requires_grad]).sum() * 0.0
         x, task = batch.x, batch.task
         outputs = self.outputs(x, task)
         loss = self._classification_loss(batch, outputs)
