@@ -61,6 +61,17 @@ def run_train(args: list[str], run_dir: Path, env: dict[str, str] | None = None,
 QUIET = ["trainer.enable_progress_bar=false"]
 
 
+def run_and_resume(args: list[str], tmp_path: Path, task: int = 1) -> tuple[dict, dict]:
+    """``train.py ARGS`` in ``tmp_path/full``, then again in ``tmp_path/resumed`` from the first run's checkpoint of
+    ``task``; both must succeed. Returns both runs' metrics.json."""
+    full = run_train(args, tmp_path / "full")
+    assert full.returncode == 0, full.stderr[-3000:]
+    ckpt = tmp_path / "full" / "checkpoints" / f"task_{task}.ckpt"
+    resumed = run_train([*args, f"ckpt_path={ckpt}"], tmp_path / "resumed")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    return read_metrics(tmp_path / "full"), read_metrics(tmp_path / "resumed")
+
+
 def read_metrics(run_dir: Path) -> dict:
     """A run folder's metrics.json."""
     import json

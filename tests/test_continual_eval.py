@@ -20,7 +20,7 @@ from lifelong.metrics.stability import (
 )
 from lifelong.models import MLP, ContinualClassifier
 from lifelong.seeding import generator
-from tests.conftest import QUIET, load_checkpoint, read_metrics, run_train
+from tests.conftest import QUIET, load_checkpoint, read_metrics, run_and_resume, run_train
 
 NAN = math.nan
 # five evaluations of a two-task stream: task 2 starts at the third
@@ -147,12 +147,8 @@ def test_the_curve_shows_the_stability_gap_and_leaves_training_unchanged(tmp_pat
 def test_a_resumed_run_continues_the_curve_exactly(tmp_path, mnist_root):
     args = _args(mnist_root, "method=finetune", "dataset.num_tasks=3", "eval_every=4", "eval_subset=300")
     args += ["eval_redraw=true", "logger=none"]  # the redrawn subsets must resume too
-    full = run_train(args, tmp_path / "full")
-    assert full.returncode == 0, full.stderr[-3000:]
+    a, b = run_and_resume(args, tmp_path)
     ckpt = tmp_path / "full" / "checkpoints" / "task_1.ckpt"
-    resumed = run_train([*args, f"ckpt_path={ckpt}"], tmp_path / "resumed")
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    a, b = read_metrics(tmp_path / "full"), read_metrics(tmp_path / "resumed")
     assert b["continual_eval"] == a["continual_eval"] and len(a["continual_eval"]["task_end_steps"]) == 3
     assert b["min_acc"] == a["min_acc"] and b["wf100"] == a["wf100"]
     # another evaluation schedule than the checkpoint's is refused, with what to do

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from lifelong.metrics.compare import compare
-from lifelong.metrics.cost import tensor_bytes
+from lifelong.metrics.cost import tensor_bytes, tensors_in
 from lifelong.metrics.summary import collect, main, markdown
-from tests.conftest import QUIET, load_checkpoint, read_metrics, run_train
+from tests.conftest import QUIET, load_checkpoint, run_and_resume
 
 
 def _write(folder, method, seed, acc, extra=None):
@@ -84,40 +84,23 @@ def test_tensor_bytes_counts_a_shared_storage_once():
 @pytest.mark.integration
 def test_the_bytes_a_method_keeps_are_the_tensors_it_checkpoints(tmp_path, mnist_root):
     """EWC beside a replay memory: after each task, the bytes in metrics.json are those of the tensors in the
-    methods' state in that task's checkpoint; examples seen count every training sample; a resumed run goes on
-    counting from its checkpoint."""
+    methods' state in that task's checkpoint (each tensor's own size: none of them shares a storage); examples seen
+    count every training sample; a resumed run goes on counting from its checkpoint."""
     args = ["method=ewc", "replay=reservoir", "replay.buffer_size=300", "dataset=split_mnist", "dataset.num_tasks=3"]
     args += [f"dataset.root={mnist_root}", "dataset.max_train_samples=1000", "logger=none", *QUIET]
-    proc = run_train(args, tmp_path / "run")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    m = read_metrics(tmp_path / "run")
+    m, r = run_and_resume(args, tmp_path)
     assert m["examples_seen"] == sum(m["stream"]["train_sizes"])  # one epoch a task, one process
     assert len(m["method_state_bytes"]) == 3 and m["method_state_bytes_max"] == max(m["method_state_bytes"])
     assert m["peak_memory_kind"] == "process_max_rss" and m["peak_memory_bytes"] > 100 * 2**20
     params = None
     for k in (1, 2, 3):
-        ckpt = load_checkpoint(tmp_path / "run" / "checkpoints" / f"task_{k}.ckpt")
+        ckpt = load_checkpoint(tmp_path / "full" / "checkpoints" / f"task_{k}.ckpt")
         states = [v for key, v in ckpt["callbacks"].items() if key.startswith(("EWC", "ExperienceReplay"))]
         assert len(states) == 2
-        tensors = [t for s in states for t in _leaves(s)]
+        tensors = [t for s in states for t in tensors_in(s)]
         assert m["method_state_bytes"][k - 1] == sum(t.numel() * t.element_size() for t in tensors)
         params = params or sum(t.numel() for t in ckpt["state_dict"].values() if t.is_floating_point())
     # EWC's importance and anchor (float32, one each per weight) are most of it; the memory holds 300 indices
     ewc_bytes = 2 * 4 * params
     assert ewc_bytes < m["method_state_bytes"][0] < ewc_bytes + 300 * 32 + 1024
-
-    resumed = run_train([*args, f"ckpt_path={tmp_path / 'run' / 'checkpoints' / 'task_1.ckpt'}"], tmp_path / "again")
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    r = read_metrics(tmp_path / "again")
     assert r["examples_seen"] == m["examples_seen"] and r["method_state_bytes"] == m["method_state_bytes"]
-
-
-def _leaves(state):
-    if isinstance(state, torch.Tensor):
-        yield state
-    elif isinstance(state, dict):
-        for v in state.values():
-            yield from _leaves(v)
-    elif isinstance(state, (list, tuple)):
-        for v in state:
-            yield from _leaves(v)

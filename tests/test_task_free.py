@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from lifelong.data.tensors import Batch
 from lifelong.methods import ERACE, GDumb
 from lifelong.methods.trigger import ConsolidationTrigger
-from tests.conftest import QUIET, load_checkpoint, read_metrics, run_train
+from tests.conftest import QUIET, load_checkpoint, read_metrics, run_and_resume, run_train
 
 
 def test_er_ace_masks_the_classes_neither_present_nor_unseen():
@@ -104,11 +104,7 @@ def test_task_free_ewc_on_a_plateau_forgets_less_than_finetuning(tmp_path, mnist
 def test_task_free_methods_run_online_without_boundaries_and_resume_exactly(tmp_path, mnist_root, method):
     args = [*method, "dataset=split_mnist", "dataset.num_tasks=3", "dataset.scenario=class", "class_outputs=all"]
     args += ["dataset.max_train_samples=400", "dataset.online=true", "dataset.batch_size=10", *_common(mnist_root)]
-    full = run_train(args, tmp_path / "full")
-    assert full.returncode == 0, full.stderr[-3000:]
-    resumed = run_train([*args, f"ckpt_path={tmp_path / 'full' / 'checkpoints' / 'task_1.ckpt'}"], tmp_path / "res")
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    a, b = read_metrics(tmp_path / "full"), read_metrics(tmp_path / "res")
+    a, b = run_and_resume(args, tmp_path)
     assert a["accuracy_matrix"] == b["accuracy_matrix"]
     if method[0] != "method=si":  # replay-based: well above the third a class-incremental net keeps alone
         assert a["avg_accuracy"] > 0.5, a["avg_accuracy"]

@@ -142,17 +142,23 @@ def build_parts(cfg: DictConfig) -> tuple[TaskStream, list[Any]]:
         callbacks.append(build_part("replay", cfg.replay))
     try:
         stream_needs(callbacks)  # two methods that need incompatible things from the stream
-        check_boundaries(callbacks, datamodule, cfg.boundaries, cfg.class_outputs)  # hidden or mixed boundaries
+        # hidden or mixed boundaries (a run recorded before the option had given ones)
+        check_boundaries(callbacks, datamodule, cfg.get("boundaries", "given"), cfg.class_outputs)
     except ValueError as err:
         raise ConfigError(str(err)) from None
     if cfg.get("eval_every") is not None:  # continual evaluation beside the task-end one
         try:
             callbacks.append(
-                ContinualEvaluation(cfg.eval_every, cfg.eval_subset, redraw=cfg.eval_redraw, split=cfg.eval_split)
+                ContinualEvaluation(
+                    cfg.eval_every,
+                    cfg.get("eval_subset", 1000),
+                    cfg.get("eval_redraw", False),
+                    cfg.get("eval_split", "test"),
+                )
             )
         except ValueError as err:
             raise ConfigError(str(err)) from None
-        if cfg.eval_split == "val" and not datamodule.has_validation:
+        if cfg.get("eval_split") == "val" and not datamodule.has_validation:
             raise ConfigError("eval_split=val needs validation data: set dataset.val_fraction > 0 (e.g. 0.1)")
     return datamodule, callbacks
 
@@ -171,7 +177,7 @@ def build_module(cfg: DictConfig, datamodule: TaskStream, method: ContinualMetho
         datamodule,
         reset_optimizer=cfg.reset_optimizer,
         class_outputs=cfg.class_outputs,
-        boundaries=cfg.boundaries,
+        boundaries=cfg.get("boundaries", "given"),
     )
     try:
         module.configure_optimizers()

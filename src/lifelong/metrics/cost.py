@@ -20,21 +20,22 @@ def tensor_bytes(state: Any) -> int:
     """The bytes of the tensors in ``state`` (nested dicts, lists and tuples of tensors and other values); a
     storage shared by several tensors (views of one buffer) is counted once, whole."""
     seen: dict[tuple[str, int], int] = {}
-    for t in _tensors(state):
+    for t in tensors_in(state):
         storage = t.untyped_storage()
         seen[(str(t.device), storage.data_ptr())] = storage.nbytes()
     return sum(seen.values())
 
 
-def _tensors(state: Any) -> Iterable[torch.Tensor]:
+def tensors_in(state: Any) -> Iterable[torch.Tensor]:
+    """Every tensor in ``state`` (nested dicts, lists and tuples), depth first."""
     if isinstance(state, torch.Tensor):
         yield state
     elif isinstance(state, Mapping):
         for v in state.values():
-            yield from _tensors(v)
+            yield from tensors_in(v)
     elif isinstance(state, (list, tuple)):
         for v in state:
-            yield from _tensors(v)
+            yield from tensors_in(v)
 
 
 def peak_memory(device: torch.device) -> tuple[int, str]:
