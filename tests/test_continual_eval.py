@@ -125,6 +125,8 @@ def test_the_curve_shows_the_stability_gap_and_leaves_training_unchanged(tmp_pat
     assert m["min_acc"] < m["accuracy_matrix"][1][0] - 0.1  # below the task-end evaluation's accuracy
     assert m["wc_acc"] == pytest.approx((curve["accuracy"][-1][1] + m["min_acc"]) / 2, abs=1e-5)
     assert m["wf10"] > 0.1 and m["eval_time_s"] > 0
+    log = (tmp_path / "curve" / "train.log").read_text()  # the run's closing summary names them too
+    assert f"min-ACC {100 * m['min_acc']:.2f} %" in log and "continual evaluation (test, every 1 steps" in log
     # the files: the CSV holds the curve; the CSV logger the same values at their steps
     lines = (tmp_path / "curve" / "eval_curve.csv").read_text().splitlines()
     assert lines[0] == "step,trained_task,task_1,task_2" and len(lines) == len(curve["steps"]) + 1

@@ -39,7 +39,7 @@ def seeds(tmp_path):
     for seed, acc in enumerate([0.90, 0.94, 0.92]):
         _write(root / "ewc" / str(seed), "ewc", seed, acc, {"wall_time_s": 10.0 + seed, "examples_seen": 54_000})
     for seed, acc in enumerate([0.60, 0.70, 0.65, 0.50]):
-        _write(root / "ft" / str(seed), "finetune", seed, acc, {"method_state_bytes_max": 2**20})
+        _write(root / "ft" / str(seed), "finetune", seed, acc, {"method_state_bytes_max": 2**20, "min_acc": 0.25})
     return root
 
 
@@ -71,8 +71,8 @@ def test_the_table_shows_what_the_runs_cost_where_recorded(seeds):
     table = markdown(collect(seeds)[0])
     head, _, ft, ewc = table.splitlines()  # fine-tuning first: the baseline
     assert "time (s)" in head and "examples (k)" in head and "method state (MiB)" in head
-    assert "peak memory" not in head  # no run recorded it
-    assert ewc.endswith("| 11.0 | 54.0 | n/a |") and ft.endswith("| n/a | n/a | 1.00 |")
+    assert "peak memory" not in head and "WC-ACC" not in head  # no run recorded them
+    assert ewc.endswith("| n/a | 11.0 | 54.0 | n/a |") and ft.endswith("| 25.00 ± 0.00 | n/a | n/a | 1.00 |")
 
 
 def test_tensor_bytes_counts_a_shared_storage_once():

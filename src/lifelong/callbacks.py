@@ -251,6 +251,13 @@ def _print_summary(metrics: dict[str, Any], out: Path) -> None:
         )
     if metrics.get("val_avg_accuracy") is not None:
         lines.append(f"validation: average accuracy {fmt('val_avg_accuracy')} %  |  BWT {fmt('val_bwt')} %")
+    curve = metrics.get("continual_eval")
+    if curve is not None:
+        lines.append(
+            f"continual evaluation ({curve['split']}, every {curve['every']} steps, {len(curve['steps'])} points): "
+            f"min-ACC {fmt('min_acc')} %  |  WC-ACC {fmt('wc_acc')} %  |  WF10 {fmt('wf10')} %  |  "
+            f"WF100 {fmt('wf100')} %  (eval_curve.png)"
+        )
     lines.append(f"results: {out}")
     # through logging, so that under Hydra it reaches both the console and the run's train.log
     log.info("\n".join(lines))

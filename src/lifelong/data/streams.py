@@ -179,8 +179,7 @@ class TaskStream(L.LightningDataModule):
         )
 
     def serve(self, needs: StreamNeeds) -> None:
-        """Serve what the run's methods declared they need (resolved by
-        [`lifelong.methods.base.stream_needs`][lifelong.methods.base.stream_needs])."""
+        """Serve what the run's methods declared they need ([`stream_needs`][lifelong.methods.base.stream_needs])."""
         self.needs = needs
 
     # ---- data --------------------------------------------------------------------------------------
@@ -306,8 +305,7 @@ class TaskStream(L.LightningDataModule):
         self._device = device
 
     def train_data(self, task: int) -> TaskData:
-        """The training samples of ``task``, as it trains on them (what methods estimate importances on): with
-        blurry or fuzzy boundaries, its segment, which holds other tasks' samples too."""
+        """What ``task`` trains on (methods estimate importances on it): its samples, or its blurry/fuzzy segment."""
         return self._segments[task]
 
     def test_data(self, task: int) -> TaskData:

@@ -10,8 +10,8 @@ Runs are grouped by stream (dataset, scenario, number of tasks), method and hype
 config keys whose values differ between runs of the same stream and method, except the seed and keys that
 do not change what is learnt (paths, logging, hardware). A row is one setting, averaged over its seeds.
 Beside the accuracies, what the runs cost where their ``metrics.json`` records it: training time, examples seen,
-the bytes the method keeps, peak memory; and, for runs with continual evaluation (``eval_every``), min-ACC and
-WC-ACC.
+the bytes the method keeps, peak memory; and, for runs with continual evaluation (``eval_every``), min-ACC,
+WC-ACC and windowed forgetting (WF10, WF100).
 """
 
 from __future__ import annotations
@@ -39,8 +39,8 @@ from lifelong.metrics.continual import SUMMARY_KEYS
 METRICS = SUMMARY_KEYS
 LABELS = {"avg_accuracy": "ACC", "bwt": "BWT", "forgetting": "forgetting", "fwt": "FWT", "learning_accuracy": "LA"}
 LABELS["task_aware_avg_accuracy"] = "Task-IL ACC"
-LABELS.update(min_acc="min-ACC", wc_acc="WC-ACC")
-STABILITY = ("min_acc", "wc_acc")  # columns where some run measured a continual-evaluation curve
+LABELS.update(min_acc="min-ACC", wc_acc="WC-ACC", wf10="WF10", wf100="WF100")
+STABILITY = ("min_acc", "wc_acc", "wf10", "wf100")  # columns where some run measured a continual-evaluation curve
 # what a run cost, by its metrics.json key: the column's label and how a value is shown
 COST = {
     "wall_time_s": ("time (s)", lambda v: f"{v:.1f}"),
