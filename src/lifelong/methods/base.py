@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Iterator, Mapping, Sequence
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol, TypeVar, cast
 
 import lightning as L
 import torch
@@ -237,6 +237,14 @@ def check_boundaries(
             f"class_outputs=seen sets the class scenario's head by the task being trained, but {why}: use "
             "class_outputs=all (every output trained from the first step, as Mammoth and the online literature do)"
         )
+
+
+def gathered(trainer: L.Trainer, pl_module: L.LightningModule, *tensors: Tensor) -> tuple[Tensor, ...]:
+    """Each of ``tensors`` (the same shape on every rank) with every rank's rows, in rank order; as they are in a
+    single process. What a method whose state must be the same on every rank offers that state."""
+    if trainer.world_size == 1:
+        return tensors
+    return tuple(cast(Tensor, pl_module.all_gather(t)).flatten(0, 1) for t in tensors)
 
 
 def frozen_copy(net: nn.Module) -> nn.Module:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, cast
+from typing import Any
 
 import lightning as L
 import torch
@@ -11,7 +11,7 @@ from torch import Tensor
 from typing_extensions import override
 
 from lifelong.data.tensors import Batch
-from lifelong.methods.base import ContinualModule
+from lifelong.methods.base import ContinualModule, gathered
 from lifelong.methods.replay import MemoryMethod, ReplayBuffer
 
 
@@ -118,9 +118,6 @@ class DarkExperienceReplay(MemoryMethod):
             return
         rows, task, y, logits = self._pending
         self._pending = None
-        if trainer.world_size > 1:  # every rank offers every rank's samples, in rank order
-            rows, task, y, logits = (
-                cast(Tensor, pl_module.all_gather(t)).flatten(0, 1) for t in (rows, task, y, logits)
-            )
+        rows, task, y, logits = gathered(trainer, pl_module, rows, task, y, logits)  # all ranks' samples
         assert self._fill_gen is not None
         self.buffer.add(rows, task, y, self._fill_gen, logits=logits)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, cast
+from typing import Any
 
 import lightning as L
 import torch
@@ -11,7 +11,7 @@ from torch import Tensor
 from typing_extensions import override
 
 from lifelong.data.tensors import Batch
-from lifelong.methods.base import ContinualModule
+from lifelong.methods.base import ContinualModule, gathered
 from lifelong.methods.der import DarkExperienceReplay
 
 
@@ -62,9 +62,7 @@ class ERACE(DarkExperienceReplay):
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        y = batch.y
-        if trainer.world_size > 1:  # every rank's classes
-            y = cast(Tensor, pl_module.all_gather(y)).flatten()
+        (y,) = gathered(trainer, pl_module, batch.y)  # every rank's classes
         if self._seen is not None:  # allocated by this step's loss, as wide as the logits
             self._seen.index_fill_(0, y, True)
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)

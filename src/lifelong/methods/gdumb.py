@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 import random
-from typing import Any, cast
+from typing import Any
 
 import lightning as L
 import torch
@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from typing_extensions import override
 
 from lifelong.data.streams import stream_of
-from lifelong.methods.base import ContinualMethod, ContinualModule, module_of
+from lifelong.methods.base import ContinualMethod, ContinualModule, gathered, module_of
 from lifelong.seeding import generator, seed_for
 
 
@@ -87,9 +87,7 @@ class GDumb(ContinualMethod):
     ) -> None:
         if batch.rows is None:
             raise RuntimeError("method=gdumb needs training batches with their rows (needs_rows)")
-        rows, tasks, classes = batch.rows, batch.task, batch.y
-        if trainer.world_size > 1:  # every rank offers every rank's samples, in rank order
-            rows, tasks, classes = (cast(Tensor, pl_module.all_gather(t)).flatten(0, 1) for t in (rows, tasks, classes))
+        rows, tasks, classes = gathered(trainer, pl_module, batch.rows, batch.task, batch.y)  # every rank's samples
         self._pending.append((rows, tasks, classes))
 
     def _offer_pending(self) -> None:

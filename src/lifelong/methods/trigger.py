@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 import statistics
-from typing import Any, cast
+from typing import Any
 
 import lightning as L
 import torch
@@ -22,6 +22,7 @@ from torch import Tensor
 
 from lifelong.data.streams import TaskStream
 from lifelong.data.tensors import TaskData
+from lifelong.methods.base import gathered
 
 TRIGGERS = ("task_end", "every", "plateau")
 
@@ -121,9 +122,7 @@ class ConsolidationTrigger:
         """The recent samples of every rank, oldest first: what the importance is estimated on."""
         assert self._rows is not None and self._tasks is not None
         order = (torch.arange(self._filled, device=self._rows.device) + self._next - self._filled) % self.recent_samples
-        rows, tasks = self._rows[order], self._tasks[order]
-        if trainer.world_size > 1:
-            rows, tasks = (cast(Tensor, pl_module.all_gather(t)).flatten(0, 1) for t in (rows, tasks))
+        rows, tasks = gathered(trainer, pl_module, self._rows[order], self._tasks[order])
         base = stream.train_data(0)  # every task's rows index the same base images
         return TaskData(base.images, base.labels, rows, tasks, None)
 
