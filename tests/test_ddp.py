@@ -9,6 +9,8 @@ import torch
 
 from lifelong.data import PermutedStream, SplitStream
 from lifelong.methods import fisher_sums, mas_sums
+from lifelong.methods.kfac import kfac_sums
+from lifelong.methods.kfac_penalty import stacked
 from lifelong.models import MLP, ContinualClassifier
 from tests.conftest import ewc_state, load_checkpoint, read_metrics, run_train
 
@@ -54,6 +56,40 @@ def test_ddp_fisher_equals_the_single_process_fisher(tmp_path, mnist_root):
         err = ((ewc["importance"][name] - f).norm() / f.norm()).item()
         assert err < 1e-6, (name, err)
         torch.testing.assert_close(ewc["anchor"][name], dict(module.named_parameters())[name].detach())
+
+
+@pytest.mark.integration
+def test_ddp_kfac_factors_equal_the_single_process_factors(tmp_path, mnist_root):
+    """EWC with Kronecker factors on 2 gloo processes: each rank sums A and G over its shard, the sums and counts are
+    all-reduced, so the consolidated factors are those one process finds on the whole task."""
+    stream = {**STREAM, "val_fraction": 0}
+    args = [
+        "method.fisher_structure=kfac",
+        "trainer=ddp_cpu",
+        f"dataset.root={mnist_root}",
+        *(f"dataset.{k}={v}" for k, v in stream.items() if k != "seed"),
+        "logger=none",
+        "trainer.enable_progress_bar=false",
+    ]
+    proc = run_train(args, tmp_path / "run")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ckpt = load_checkpoint(tmp_path / "run" / "checkpoints" / "task_1.ckpt")
+    kfac = ewc_state(ckpt)["kfac"]
+    standardize = ckpt["lifelong"]["info"]["config"]["dataset"]["standardize"]  # the run's input, rebuilt
+    dm = PermutedStream(root=str(mnist_root), download=False, standardize=standardize, **stream)
+    dm.prepare_data()
+    dm.setup("fit")
+    module = ContinualClassifier(MLP(dm.input_shape, 10), functools.partial(torch.optim.Adam), 2, 10)
+    module.load_state_dict(ckpt["state_dict"])
+    single = kfac_sums(module, dm.loader(dm.train_data(0), train=False), "empirical")
+    assert single.count == 2001 and set(kfac["blocks"]) == set(single.a) == {f"net.layers.{i}" for i in (1, 3, 5)}
+    params = dict(module.named_parameters())
+    for layer, (block,) in kfac["blocks"].items():
+        for name, total in (("a", single.a[layer]), ("g", single.g[layer])):
+            want = total / single.count
+            err = ((block[name] - want).norm() / want.norm()).item()
+            assert err < 1e-5, (layer, name, err)
+        torch.testing.assert_close(block["anchor"], stacked(params[f"{layer}.weight"], params[f"{layer}.bias"]))
 
 
 @pytest.mark.integration

@@ -316,13 +316,35 @@ def test_class_scenario_replay_is_far_above_the_rest(split_fashion_runs):
 # ---- state and resumption -------------------------------------------------------------------------------
 @pytest.mark.integration
 @pytest.mark.parametrize(
-    "method", ["si", "mas", "lwf", "er", "hat", "ewc+reservoir", "der", "derpp", "agem", "icarl", "icarl+reservoir"]
+    "method",
+    [
+        "si",
+        "mas",
+        "lwf",
+        "er",
+        "hat",
+        "ewc+reservoir",
+        "der",
+        "derpp",
+        "agem",
+        "icarl",
+        "icarl+reservoir",
+        "ewc_kfac",
+        "online_ewc_kfac",
+    ],
 )
 def test_methods_resume_to_the_same_result(mnist_root, tmp_path, method):
     """Stop after task 1 of 3, resume from its checkpoint: the same matrix as the uninterrupted run."""
     name, _, replay = method.partition("+")
+    if name.endswith("_kfac"):  # Kronecker factors for the Linear layers, the diagonal for the batch norm's
+        name = name.removesuffix("_kfac")
+        replay = ""
+        extra = ["method.fisher_structure=kfac", "model.norm=batch"]
+    else:
+        extra = []
     args = [
         f"method={name}",
+        *extra,
         *([f"replay={replay}"] if replay else []),
         "dataset=split_mnist",
         "dataset.num_tasks=3",
@@ -336,7 +358,7 @@ def test_methods_resume_to_the_same_result(mnist_root, tmp_path, method):
     ckpt = tmp_path / "full" / "checkpoints" / "task_1.ckpt"
     resumed = compose_run([*args, f"ckpt_path={ckpt}"], tmp_path / "resumed")
     assert resumed["accuracy_matrix"] == full["accuracy_matrix"]
-    assert full["method"] == method
+    assert full["method"] == (method if not extra else name)
     full_ckpt, resumed_ckpt = (
         load_checkpoint(d / "checkpoints" / "task_2.ckpt") for d in (tmp_path / "full", tmp_path / "resumed")
     )

@@ -36,7 +36,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal, cast
+from typing import Any, Literal, Protocol, cast
 
 import torch
 import torch.nn.functional as F
@@ -49,6 +49,16 @@ FISHER_TYPES: tuple[str, ...] = ("empirical", "sampled", "exact", "weighted")
 
 # what the estimators iterate over: lifelong.data.tensors.Batch (its rows are not used), or plain (x, y, task) tuples
 Batches = Iterable[tuple[Any, ...]]
+
+
+class FactorAccumulator(Protocol):
+    """What `fisher_sums` hands the layers it does not square per sample (the Kronecker factors' sums)."""
+
+    layers: dict[str, nn.Module]
+
+    def add_input(self, name: str, a: Tensor) -> None: ...
+
+    def add_grad(self, name: str, g: Tensor, weights: Tensor) -> None: ...
 
 
 def _log_softmax(logits: Tensor) -> Tensor:
@@ -211,16 +221,19 @@ class PerSampleSums:
     took which path. Per batch: `start` before the forward pass, `used` after it.
     """
 
-    def __init__(self, model: nn.Module, params: Mapping[str, nn.Parameter]) -> None:
+    def __init__(
+        self, model: nn.Module, params: Mapping[str, nn.Parameter], factored: Mapping[str, nn.Module] | None = None
+    ) -> None:
         self.model = model
         self.fast, self.fallback = plan_layers(model, params)
+        self.factored = dict(factored or {})  # layers whose inputs and output gradients a FactorSums takes
         self.names = {id(p): n for n, p in params.items()}
         self.result = FisherSums(_zeros(params))
 
     def __enter__(self) -> PerSampleSums:
         self._was_training = self.model.training
         self.model.eval()
-        self.recorder = Recorder(self.fast)
+        self.recorder = Recorder({**self.fast, **self.factored})
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -242,6 +255,10 @@ class PerSampleSums:
             module = self.fast.pop(name)
             self.fallback += [self.names[id(p)] for p in module.parameters(recurse=False)]
         return [(self.fast[n], *rec[0]) for n, rec in self.recorder.records.items() if n in self.fast and rec]
+
+    def used_factored(self) -> list[tuple[str, Tensor, Tensor]]:
+        """``(name, input, output)`` of each factored layer the forward pass used (once: `kfac_sums` checked)."""
+        return [(n, *self.recorder.records[n][0]) for n in self.factored if self.recorder.records[n]]
 
     def add(self, module: nn.Module, sums: Mapping[str, Tensor]) -> None:
         """Add a layer's sums, keyed by the layer's own parameter names (``weight``, ``bias``)."""
@@ -304,12 +321,12 @@ def _fallback_batch(
 
         grads = vmap(grad(nll), in_dims=(None, 0, 0, 0))(sub, x, task, labels)
         for n, gn in grads.items():
-            sums[n] += torch.einsum("b,b...->...", weights, gn.square())
+            sums[n] += torch.einsum("b,b...->...", weights, gn.detach().square())  # (no graph to the other weights)
     else:  # exact: the Jacobian over all classes, weighted by p(c | x)
         jac = vmap(jacrev(log_probs_one), in_dims=(None, 0, 0))(sub, x, task)  # (B, C, *shape)
         probs = torch.stack([w for _, w in passes], dim=1)  # (B, C)
         for n, jn in jac.items():
-            sums[n] += torch.einsum("bc,bc...->...", probs, jn.square())
+            sums[n] += torch.einsum("bc,bc...->...", probs, jn.detach().square())
     return sums
 
 
@@ -325,6 +342,7 @@ def fisher_sums(
     *,
     params: Mapping[str, nn.Parameter] | None = None,
     generator: torch.Generator | None = None,
+    factors: FactorAccumulator | None = None,
 ) -> FisherSums:
     """Sums over samples of the squared per-sample gradients of the log-likelihood (see module docstring).
 
@@ -336,6 +354,9 @@ def fisher_sums(
         fisher_type: ``"empirical"``, ``"sampled"`` or ``"exact"``.
         params: the parameters to estimate, by name; default: all that require grad.
         generator: random generator for ``sampled`` labels (for reproducibility).
+        factors: layers whose Kronecker factors are summed in the same pass (their parameters are not in
+            ``params``): each batch's input and each label pass's output gradient and weights go to it
+            ([`lifelong.methods.kfac`][lifelong.methods.kfac]).
 
     Returns:
         `FisherSums`; ``.mean()`` is the diagonal Fisher.
@@ -344,14 +365,16 @@ def fisher_sums(
         raise ValueError(f"fisher_type must be one of {FISHER_TYPES}, got {fisher_type!r}")
     if params is None:
         params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    with PerSampleSums(model, params) as est:
+    with PerSampleSums(model, params, factors.layers if factors is not None else None) as est:
         for x, y, task, *_ in batches:
             est.start()
             with torch.enable_grad():
                 log_probs = _log_softmax(call_model(model, x, task))  # (B, C)
             passes = _labels_and_weights(log_probs, y, fisher_type, generator)
-            used = est.used()
-            outputs = [out for _, _, out in used]
+            used, factored = est.used(), est.used_factored()
+            for name, a, _ in factored:
+                cast(FactorAccumulator, factors).add_input(name, a.detach())
+            outputs = [out for _, _, out in used] + [out for _, _, out in factored]
             # Linear layers on (B, in) inputs: sum w * g**2 over the passes first, then one matmul with a**2
             # (the input does not depend on the label), so `exact` costs C backward passes but one matmul
             g2_sums: dict[nn.Module, tuple[Tensor, Tensor]] = {}
@@ -361,7 +384,10 @@ def fisher_sums(
                 loss = F.nll_loss(log_probs, labels, reduction="sum")
                 with torch.enable_grad():
                     grads = torch.autograd.grad(loss, outputs, retain_graph=i < len(passes) - 1, allow_unused=True)
-                for (module, a, _), g in zip(used, grads, strict=True):
+                for (name, _, _), g in zip(factored, grads[len(used) :], strict=True):
+                    if g is not None:
+                        cast(FactorAccumulator, factors).add_grad(name, g.detach(), weights)
+                for (module, a, _), g in zip(used, grads[: len(used)], strict=True):
                     if g is None:
                         continue
                     if isinstance(module, nn.Linear) and a.ndim == 2:

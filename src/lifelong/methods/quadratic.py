@@ -137,7 +137,7 @@ class QuadraticRegularizer(ContinualMethod):
         if self._num_consolidated == 0:
             return None
         params = self._param_list(pl_module)
-        diffs = torch._foreach_sub(params, list(self._anchor.values()))
+        diffs = torch._foreach_sub(params, list(self._anchor.values())) if params else []
         total = self._const.clone()
         for omega, d in zip(self._importance.values(), diffs, strict=True):
             total += torch.dot((omega * d).flatten(), d.flatten())
@@ -159,6 +159,8 @@ class QuadraticRegularizer(ContinualMethod):
         of average accuracy on permuted Fashion-MNIST (docs/experiments.md).
         """
         params = self._param_list(pl_module)
+        if not params:  # every parameter is another structure's (EWC's Kronecker factors)
+            return
         for p in params:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
@@ -202,7 +204,7 @@ class QuadraticRegularizer(ContinualMethod):
         """Fold one finished task's importance and anchor (``params``) into the state."""
         first = self._num_consolidated == 0
         if self.mode == "online" or first:
-            const = torch.zeros((), device=next(iter(importance.values())).device)
+            const = torch.zeros((), device=next(iter(importance.values())).device if importance else self._const.device)
             scale = self.decay if (self.mode == "online" and not first) else 0.0
             self._importance = {
                 n: f + scale * self._importance[n] if not first else f.clone() for n, f in importance.items()
@@ -243,7 +245,11 @@ class QuadraticRegularizer(ContinualMethod):
         params = {n: p for n, p in module.named_parameters() if p.requires_grad}
         importance = self.task_importance(trainer, module, task, params)
         self.consolidate(importance, params)
-        module.log_event({f"{self.name}/importance_mean": torch.stack([f.mean() for f in importance.values()]).mean()})
+        module.log_event({f"{self.name}/importance_mean": self.importance_mean(importance)})
+
+    def importance_mean(self, importance: Mapping[str, Tensor]) -> Tensor:
+        """What the log shows of a task's importance: the mean over parameters of each one's mean."""
+        return torch.stack([f.mean() for f in importance.values()]).mean()
 
     @override
     def on_train_batch_end(

@@ -1,0 +1,211 @@
+r"""Kronecker-factored Fisher (KFAC): one $A \otimes G$ block per layer, estimated in one pass with hooks.
+
+For a layer $y = \bar W \bar a$ with $\bar W = [W \mid b]$ (``out x (in + 1)``) and $\bar a = [a; 1]$ (the input with
+the bias as a ones column), sample n's log-likelihood gradient is $g_n \bar a_n^\top$, where $g_n$ is the gradient
+at the layer's output (the pre-activation). The Fisher block of $\mathrm{vec}(\bar W)$ (column-major) is
+$\mathbb{E}[(\bar a \bar a^\top) \otimes (g g^\top)]$, which KFAC (Martens & Grosse, 2015) approximates by
+
+$$
+F \approx A \otimes G, \qquad A = \frac1N \sum_n \bar a_n \bar a_n^\top, \qquad
+G = \frac1N \sum_n \mathbb{E}_{y \sim q_n}\!\left[g_n g_n^\top\right],
+$$
+
+with $q_n$ the `fisher_type`'s labels and weights, exactly as the diagonal Fisher
+([`lifelong.methods.fisher`][lifelong.methods.fisher]) takes them: the true label (``empirical``), one label drawn
+from the model (``sampled``), every class weighted by $p(c \mid x_n)$ (``exact``, C backward passes), or Mammoth's
+``weighted``. The diagonal of $A \otimes G$ is $G_{oo} A_{ii} = \mathbb{E}[g_o^2]\,\mathbb{E}[\bar a_i^2]$ where the
+diagonal Fisher has $\mathbb{E}[g_o^2 \bar a_i^2]$: the two have the same scale, so one lambda means the same for
+both.
+
+``nn.Conv2d`` (groups 1, numeric zero padding) follows Grosse & Martens (2016, KFC): $\bar a_{n,t}$ are the
+unfolded input patches at the output positions $t \in T$ (``C_in * kh * kw`` values and a 1), with the weight
+flattened to ``(out, C_in * kh * kw)`` in the same order, and
+
+$$
+A = \frac1N \sum_n \sum_{t} \bar a_{n,t} \bar a_{n,t}^\top, \qquad
+G = \frac1N \sum_n \frac{1}{|T|} \sum_t \mathbb{E}_{y}\!\left[g_{n,t} g_{n,t}^\top\right].
+$$
+
+An ``nn.Linear`` applied to inputs with extra dimensions (tokens) is treated the same way, its positions as $T$
+(the "expand" form). Every other parameter - normalisation layers, embeddings, a layer called more than once per
+forward pass (shared weights), a layer with its own per-sample rule (DWA's) - keeps the exact diagonal Fisher,
+summed in the same pass (`kfac_sums`).
+
+As with the diagonal, the functions return sums over samples and the sample count, so data-parallel ranks
+all-reduce both before dividing. The penalty built on these factors is
+[`lifelong.methods.kfac_penalty`][lifelong.methods.kfac_penalty].
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import cast
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lifelong.methods.fisher import Batches, FisherSums, FisherType, call_model, fisher_sums
+
+_ROWS = 1 << 15  # rows of unfolded patches per matmul: bounds the memory of a convolution's patches
+
+
+def kronecker_candidates(model: nn.Module, params: Mapping[str, nn.Parameter]) -> dict[str, nn.Module]:
+    """The layers the factors can cover: ``nn.Linear`` and ``nn.Conv2d`` (groups 1, numeric zero padding) whose every
+    parameter is in ``params`` and belongs to no other module, and which bring no per-sample rule of their own."""
+    wanted = {id(p) for p in params.values()}
+    owners: dict[int, int] = {}
+    for module in model.modules():
+        for p in module.parameters(recurse=False):
+            owners[id(p)] = owners.get(id(p), 0) + 1
+    out: dict[str, nn.Module] = {}
+    for name, module in model.named_modules():
+        if callable(getattr(module, "per_sample_grad_powers", None)):
+            continue
+        conv_ok = (
+            isinstance(module, nn.Conv2d)
+            and module.groups == 1
+            and module.padding_mode == "zeros"
+            and not isinstance(module.padding, str)
+        )
+        if not (isinstance(module, nn.Linear) or conv_ok):
+            continue
+        own = list(module.parameters(recurse=False))
+        if own and all(id(p) in wanted and owners[id(p)] == 1 for p in own):
+            out[name] = module
+    return out
+
+
+def calls_per_forward(model: nn.Module, layers: Mapping[str, nn.Module], batch: tuple) -> dict[str, int]:
+    """How many times one forward pass (eval mode, no gradient) calls each of ``layers``."""
+    calls = dict.fromkeys(layers, 0)
+
+    def counter(name: str):  # type: ignore[no-untyped-def]
+        def hook(*_: object) -> None:
+            calls[name] += 1
+
+        return hook
+
+    handles = [m.register_forward_hook(counter(n)) for n, m in layers.items()]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            call_model(model, batch[0], batch[2])
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
+    return calls
+
+
+def input_rows(module: nn.Module, a: Tensor) -> Tensor:
+    """A layer's input as rows $\\bar a$ ``(B, T, in [+ 1])``: a Linear's (extra dimensions flattened into T) or a
+    convolution's unfolded patches; the ones column when the layer has a bias."""
+    if isinstance(module, nn.Conv2d):
+        padding = cast(tuple[int, ...], module.padding)  # numeric: kronecker_candidates took no string padding
+        patches = F.unfold(a, module.kernel_size, dilation=module.dilation, padding=padding, stride=module.stride)
+        rows = patches.transpose(1, 2)
+    else:
+        rows = a.reshape(a.shape[0], -1, a.shape[-1])
+    if getattr(module, "bias", None) is not None:
+        rows = torch.cat([rows, rows.new_ones(*rows.shape[:2], 1)], dim=2)
+    return rows
+
+
+def output_rows(module: nn.Module, g: Tensor) -> Tensor:
+    """The gradient at a layer's output as rows ``(B, T, out)``."""
+    if isinstance(module, nn.Conv2d):
+        return g.flatten(2).transpose(1, 2)
+    return g.reshape(g.shape[0], -1, g.shape[-1])
+
+
+class FactorSums:
+    r"""Sums over samples of $\sum_t \bar a \bar a^\top$ and of the weighted $\frac{1}{|T|}\sum_t g g^\top$, per layer.
+
+    `fisher_sums` calls `add_input` once per batch and `add_grad` once per label pass (C times for ``exact``).
+    """
+
+    def __init__(self, layers: Mapping[str, nn.Module]) -> None:
+        self.layers = dict(layers)
+        self.a: dict[str, Tensor] = {}
+        self.g: dict[str, Tensor] = {}
+
+    def add_input(self, name: str, a: Tensor) -> None:
+        module = self.layers[name]
+        n = a.shape[0]
+        positions = max(1, input_rows(module, a[:1]).shape[1])
+        step = max(1, _ROWS // positions)  # samples per chunk: a convolution's patches are T times its input
+        total = self.a.get(name)
+        for start in range(0, n, step):
+            rows = input_rows(module, a[start : start + step]).flatten(0, 1)  # (b * T, in [+ 1])
+            total = rows.T @ rows if total is None else total.addmm_(rows.T, rows)
+        assert total is not None
+        self.a[name] = total
+
+    def add_grad(self, name: str, g: Tensor, weights: Tensor) -> None:
+        rows = output_rows(self.layers[name], g)  # (B, T, out)
+        scaled = rows * (weights / rows.shape[1])[:, None, None]
+        rows, scaled = rows.flatten(0, 1), scaled.flatten(0, 1)
+        total = self.g.get(name)
+        self.g[name] = scaled.T @ rows if total is None else total.addmm_(scaled.T, rows)
+
+
+@dataclass
+class KroneckerSums:
+    """What `kfac_sums` returns: per layer the sums of ``A`` and ``G`` (divide by ``count``), the parameter names
+    each layer's factors cover, and the diagonal Fisher's sums of every parameter the factors do not cover."""
+
+    a: dict[str, Tensor]
+    g: dict[str, Tensor]
+    params: dict[str, tuple[str, str | None]]  # layer -> (weight's name, bias's name or None)
+    diagonal: FisherSums
+
+    @property
+    def count(self) -> int:
+        return self.diagonal.count
+
+
+def kfac_sums(
+    model: nn.Module,
+    batches: Batches,
+    fisher_type: FisherType | str = "empirical",
+    *,
+    params: Mapping[str, nn.Parameter] | None = None,
+    generator: torch.Generator | None = None,
+) -> KroneckerSums:
+    """The Kronecker factors' sums of ``params``' layers, and the diagonal Fisher of the rest, in one pass.
+
+    The first batch is also run once on its own, to find layers called more than once per forward pass (their
+    gradient is a sum over calls, which one Kronecker pair does not describe): they keep the diagonal.
+
+    Args: as [`fisher_sums`][lifelong.methods.fisher.fisher_sums].
+    """
+    if params is None:
+        params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    stream = iter(batches)
+    first = next(stream, None)
+    if first is None:
+        raise ValueError("the Fisher was estimated on no samples (is the task's training data empty?)")
+    layers = kronecker_candidates(model, params)
+    calls = calls_per_forward(model, layers, first)
+    layers = {n: m for n, m in layers.items() if calls[n] == 1}
+    names = {id(p): n for n, p in params.items()}
+    covered: dict[str, tuple[str, str | None]] = {}
+    for name, m in layers.items():
+        bias = getattr(m, "bias", None)
+        covered[name] = (names[id(m.weight)], names[id(bias)] if bias is not None else None)
+    taken = {n for pair in covered.values() for n in pair if n is not None}
+    rest = {n: p for n, p in params.items() if n not in taken}
+    factors = FactorSums(layers)
+    diagonal = fisher_sums(
+        model, itertools.chain([first], stream), fisher_type, params=rest, generator=generator, factors=factors
+    )
+    for name, (wname, bname) in covered.items():  # a layer the data never reached (an unused head): zero factors
+        weight = params[wname]
+        k = weight[0].numel() + (1 if bname is not None else 0)
+        factors.a.setdefault(name, weight.new_zeros(k, k))
+        factors.g.setdefault(name, weight.new_zeros(weight.shape[0], weight.shape[0]))
+    return KroneckerSums(factors.a, factors.g, covered, diagonal)
