@@ -14,18 +14,19 @@ from torch import nn
 from lifelong.errors import ResumeError
 from lifelong.methods import EWC, fisher_sums
 from lifelong.methods.fisher import _labels_and_weights
-from lifelong.methods.kfac import kfac_sums
+from lifelong.methods.kfac import input_rows, kfac_sums, patch_moment
 from lifelong.methods.kfac_penalty import KroneckerPenalty, damped, stacked
 from tests.conftest import compose_run
 
 
 class Tiny(nn.Module):
-    """A convolution (stride 2, padding 1), a hidden Linear and an output Linear without bias."""
+    """A convolution (padding 1; stride 2 takes the unfolded patches, stride 1 the window sums of `patch_moment`), a
+    hidden Linear and an output Linear without bias, on 2 x 5 x 5 inputs."""
 
-    def __init__(self) -> None:
+    def __init__(self, stride: int = 2) -> None:
         super().__init__()
-        self.conv = nn.Conv2d(2, 3, kernel_size=3, stride=2, padding=1)
-        self.fc = nn.Linear(3 * 3 * 3, 5)
+        self.conv = nn.Conv2d(2, 3, kernel_size=3, stride=stride, padding=1)
+        self.fc = nn.Linear(3 * (4 // stride + 1) ** 2, 5)
         self.out = nn.Linear(5, 4, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -81,10 +82,11 @@ def _explicit_factors(model: Tiny, batches, fisher_type: str, generator) -> tupl
     return {k: v / n_total for k, v in a.items()}, {k: v / n_total for k, v in g.items()}
 
 
+@pytest.mark.parametrize("stride", [1, 2])
 @pytest.mark.parametrize("fisher_type", ["empirical", "sampled", "exact", "weighted"])
-def test_factors_match_an_explicit_per_sample_sum(fisher_type):
+def test_factors_match_an_explicit_per_sample_sum(fisher_type, stride):
     torch.manual_seed(0)
-    model = Tiny()
+    model = Tiny(stride)
     batches = _batches()
     sums = kfac_sums(model, batches, fisher_type, generator=torch.Generator().manual_seed(3))
     a_ref, g_ref = _explicit_factors(model, batches, fisher_type, torch.Generator().manual_seed(3))
@@ -98,6 +100,17 @@ def test_factors_match_an_explicit_per_sample_sum(fisher_type):
     for layer in a_ref:
         torch.testing.assert_close(sums.a[layer] / sums.count, a_ref[layer], rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(sums.g[layer] / sums.count, g_ref[layer], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("channels", "kernel", "padding", "size", "bias"),
+    [(3, 3, 1, (7, 6), True), (2, (3, 5), (0, 2), (6, 9), True), (4, 1, 0, (4, 4), False), (1, 5, 2, (8, 8), True)],
+)
+def test_window_sums_give_the_patches_second_moment(channels, kernel, padding, size, bias):
+    conv = nn.Conv2d(channels, 3, kernel, padding=padding, bias=bias)
+    x = torch.randn(5, channels, *size, generator=torch.Generator().manual_seed(0))
+    rows = input_rows(conv, x).flatten(0, 1).double()
+    torch.testing.assert_close(patch_moment(x, conv).double(), rows.T @ rows, rtol=1e-5, atol=1e-5)
 
 
 # ---- the penalty ----------------------------------------------------------------------------------------
@@ -196,6 +209,26 @@ def test_penalty_is_exactly_zero_at_the_anchor():
     ewc._num_consolidated = 1
     assert ewc.penalty_value(model).item() == 0.0
     assert all(torch.equal(t, torch.zeros_like(t)) for t in _penalty_grad(ewc, model))
+
+
+def test_a_lower_matmul_precision_is_used_for_the_penalty_alone():
+    """``medium``: the products in bfloat16 where the hardware has it (else float32), close to float32's, still exactly
+    zero at the anchor; the process's own precision setting is left as it was."""
+    torch.manual_seed(0)
+    model = Tiny()
+    exact, fast = (EWC(fisher_structure="kfac", kfac_matmul_precision=p) for p in ("highest", "medium"))
+    a, g, covers = _random_factors(model, 2)
+    params = dict(model.named_parameters())
+    for ewc in (exact, fast):
+        ewc.kron.consolidate(a, g, covers, params)
+        ewc._num_consolidated = 1
+    assert all(torch.equal(t, torch.zeros_like(t)) for t in _penalty_grad(fast, model))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    for lo, hi in zip(_penalty_grad(fast, model), _penalty_grad(exact, model), strict=True):
+        torch.testing.assert_close(lo, hi, rtol=0.02, atol=0.02 * hi.abs().max().item())
+    assert torch.get_float32_matmul_precision() == "highest"
 
 
 # ---- across tasks ---------------------------------------------------------------------------------------
@@ -339,6 +372,8 @@ def test_layers_the_factors_do_not_cover_keep_the_exact_diagonal():
         ({"fisher_structure": "kfac", "kfac_merge": "sum"}, "kfac_merge"),
         ({"fisher_structure": "kfac", "kfac_damping": -1.0}, "kfac_damping"),
         ({"fisher_structure": "kfac", "kfac_damping": float("nan")}, "kfac_damping"),
+        ({"fisher_structure": "kfac", "kfac_matmul_precision": "low"}, "kfac_matmul_precision"),
+        ({"kfac_merge": "sum"}, "kfac_merge"),  # checked with the diagonal too: a typo is refused either way
     ],
 )
 def test_refuses_impossible_values(kwargs, match):

@@ -69,6 +69,8 @@ class EWC(QuadraticRegularizer):
         fisher_structure: ``"diagonal"`` or ``"kfac"``.
         kfac_merge: ``"average"`` or ``"pi"``: how online mode merges two tasks' Kronecker pairs into one.
         kfac_damping: $\delta \geq 0$ added to the Kronecker blocks, $\pi$-scaled onto the factors (0: none).
+        kfac_matmul_precision: torch's float32 matmul precision for the Kronecker penalty's products: ``"highest"``
+            (float32), ``"high"`` (TF32 on NVIDIA GPUs) or ``"medium"`` (bfloat16 products where the hardware has them).
     """
 
     name = "ewc"
@@ -83,6 +85,7 @@ class EWC(QuadraticRegularizer):
         fisher_structure: str = "diagonal",
         kfac_merge: str = "average",
         kfac_damping: float = 0.0,
+        kfac_matmul_precision: str = "highest",
         **trigger: Any,
     ) -> None:
         super().__init__(mode=mode, decay=decay, **trigger)
@@ -91,7 +94,8 @@ class EWC(QuadraticRegularizer):
         if fisher_structure not in STRUCTURES:
             raise ValueError(f"method.fisher_structure must be one of {list(STRUCTURES)}, got {fisher_structure!r}")
         self.fisher_structure = fisher_structure
-        self.kron = KroneckerPenalty(mode, decay, kfac_merge, kfac_damping) if fisher_structure == "kfac" else None
+        kron = KroneckerPenalty(mode, decay, kfac_merge, kfac_damping, kfac_matmul_precision)
+        self.kron = kron if fisher_structure == "kfac" else None  # (its arguments are checked either way)
         self.last_factors: KroneckerSums | None = None  # the latest task's factors (divided by the count)
         if num_samples is not None and num_samples < 1:
             raise ValueError(f"method.num_samples must be a positive number or null, got {num_samples}")

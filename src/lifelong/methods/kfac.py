@@ -115,6 +115,51 @@ def input_rows(module: nn.Module, a: Tensor) -> Tensor:
     return rows
 
 
+def patch_moment(x: Tensor, conv: nn.Conv2d) -> Tensor:
+    r"""$\sum_n \sum_t \bar a_{n,t} \bar a_{n,t}^\top$ of a stride-1, dilation-1 convolution, without its patches.
+
+    Patches overlap: entry $((c, i, j), (c', i', j'))$ sums $x_c(r, s)\, x_{c'}(r + i' - i, s + j' - j)$ over the
+    rectangle of input positions that the output positions reach from kernel offset $(i, j)$. So the products are
+    summed over the batch once per offset $(i' - i, j' - j)$, in one batched matmul over the input's positions, and
+    each entry is a window sum of them: ``(2 kh - 1)(2 kw - 1) H (W + kw - 1) C^2`` multiply-adds a sample instead of
+    the unfolded patches' ``H' W' (C kh kw)^2`` (the CNN's second layer: 81 x 14 x 18 x 32^2 against 196 x 800^2,
+    6x fewer), and no ``(B, T, C kh kw)`` tensor. The same sums as ``rows.T @ rows`` of `input_rows`, tested.
+    """
+    n, c, h, w = x.shape
+    (kh, kw), (ph, pw) = conv.kernel_size, cast(tuple[int, int], conv.padding)
+    ho, wo = h + 2 * ph - kh + 1, w + 2 * pw - kw + 1  # the output
+    wx = w + kw - 1  # each row followed by zeros: a column shift that leaves the row lands on zeros
+    grid = x.new_zeros(h + 2 * kh, wx, n, c)  # (rows, columns, N, C), zero rows above and below
+    grid[kh : kh + h, :w] = x.permute(2, 3, 0, 1)
+    flat = grid.flatten(0, 1)  # (positions, N, C): a shift by (di, dj) is a shift by di * wx + dj
+    start = kh * wx
+    left = flat[start : start + h * wx].transpose(1, 2)  # (h * wx, C, N)
+
+    def windows(m: Tensor) -> Tensor:
+        """Sums of ``m`` (h, w, ...) over the output's window from each kernel offset: (kh, kw, ...)."""
+        padded = m.new_zeros(h + 2 * ph, w + 2 * pw, *m.shape[2:])
+        padded[ph : ph + h, pw : pw + w] = m
+        return padded.unfold(0, ho, 1).sum(-1).unfold(1, wo, 1).sum(-1)
+
+    moment = x.new_zeros(c, kh, kw, c, kh, kw)
+    view = moment.permute(1, 2, 4, 5, 0, 3)  # (kh, kw, kh, kw, C, C): indexed by the kernel offsets first
+    for di in range(-(kh - 1), kh):
+        for dj in range(-(kw - 1), kw):
+            shift = start + di * wx + dj
+            prod = torch.bmm(left, flat[shift : shift + h * wx]).view(h, wx, c, c)[:, :w]  # (h, w, C, C)
+            i = torch.arange(max(0, -di), min(kh, kh - di), device=x.device)[:, None]
+            j = torch.arange(max(0, -dj), min(kw, kw - dj), device=x.device)[None, :]
+            i, j = torch.broadcast_tensors(i, j)
+            view[i, j, i + di, j + dj] = windows(prod)[i, j]
+    moment = moment.view(c * kh * kw, c * kh * kw)
+    if conv.bias is None:
+        return moment
+    column = windows(x.sum(0).permute(1, 2, 0)).permute(2, 0, 1).flatten()  # the ones column: sums of the patches
+    out = x.new_empty(c * kh * kw + 1, c * kh * kw + 1)
+    out[:-1, :-1], out[:-1, -1], out[-1, :-1], out[-1, -1] = moment, column, column, n * ho * wo
+    return out
+
+
 def output_rows(module: nn.Module, g: Tensor) -> Tensor:
     """The gradient at a layer's output as rows ``(B, T, out)``."""
     if isinstance(module, nn.Conv2d):
@@ -135,6 +180,10 @@ class FactorSums:
 
     def add_input(self, name: str, a: Tensor) -> None:
         module = self.layers[name]
+        if isinstance(module, nn.Conv2d) and module.stride == (1, 1) and module.dilation == (1, 1):
+            moment = patch_moment(a, module)
+            self.a[name] = moment if name not in self.a else self.a[name].add_(moment)
+            return
         n = a.shape[0]
         positions = max(1, input_rows(module, a[:1]).shape[1])
         step = max(1, _ROWS // positions)  # samples per chunk: a convolution's patches are T times its input
