@@ -23,6 +23,10 @@ Sections (docs/performance.md holds the table of the last full run):
   128, one epoch a task), ER with a memory of 2,000 (the stability gap's setting) and fine-tuning (the cheapest
   training step), fitted with and without an evaluation of 1,000 test samples of every seen task every 10 steps
   (and every step), the whole fit timed; the evaluation's share of the training time.
+* ``kfac``: EWC with Kronecker-factored Fisher blocks (``method.fisher_structure=kfac``): the estimate's cost in
+  training epochs (and beside the diagonal estimate), for the three Fisher types; a training step (batch 128, SGD)
+  with its penalty against one with the diagonal EWC penalty, for one consolidated task (one pair a layer, as
+  online mode keeps) and for 10 kept pairs (separate mode after 10 tasks); the state's size. MLP and CNN.
 * ``dwa``: a training step of DWA's network (per-sample weight masks; lifelong's held-mask DWA at its
   defaults, and the paper's) beside HAT's (per-task unit masks) on the same network, time and the step's peak
   memory (each in a fresh process), for the MLP of the split-MNIST runs and the AlexNet-style network of the
@@ -71,6 +75,7 @@ from lifelong.methods import (
     per_sample_loop_fisher,
 )
 from lifelong.methods.dwa import PAPER_OPTIONS
+from lifelong.methods.kfac import KroneckerSums, kfac_sums
 from lifelong.models import CNN, MLP, AlexNet, ContinualClassifier
 from lifelong.run import stream_trainer
 
@@ -392,6 +397,108 @@ def section_tasks(repeats: int) -> None:
     row("tasks", "step time at 50 past tasks / at 1", f"{growth:.2f}x", "~1.00x (no growth)")
 
 
+# ---- Kronecker-factored Fisher --------------------------------------------------------------------------
+def _kfac_case(name: str, net: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int, repeats: int) -> None:
+    """KFAC's estimate in training epochs (beside the diagonal's), and a training step with its penalty against one
+    with the diagonal's: one consolidated task (online: one pair per layer), then 10 kept pairs (separate)."""
+    net, x, y = net.to(DEVICE), x.to(DEVICE), y.to(DEVICE)
+    t = torch.zeros(len(y), dtype=torch.long, device=DEVICE)
+    n = len(y)
+    full = [(x[i : i + batch], y[i : i + batch], t[i : i + batch]) for i in range(0, n, batch)]
+    opt = torch.optim.SGD(net.parameters(), lr=0.01)
+
+    def epoch() -> None:
+        for i in range(0, n, 128):
+            loss = F.cross_entropy(net(x[i : i + 128]), y[i : i + 128])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+
+    ep = timed({"epoch": epoch}, max(1, repeats - 1))["epoch"][0]
+    row("kfac", f"{name}: one training epoch over {n:,} images (minimal loop)", f"{ep:.3f} s")
+    for ftype in ("empirical", "sampled", "exact"):
+
+        def gen() -> torch.Generator:
+            return torch.Generator(device=DEVICE).manual_seed(0)
+
+        res = timed(
+            {
+                "kfac": lambda ft=ftype: kfac_sums(net, full, ft, generator=gen()),
+                "diag": lambda ft=ftype: fisher_sums(net, full, ft, generator=gen()),
+            },
+            max(1, repeats - 1),
+        )
+        budget = " <= 2" if ftype == "empirical" else ""
+        row("kfac", f"{name} {ftype}: KFAC estimate, all {n:,} images", fmt(res["kfac"]))
+        row("kfac", f"{name} {ftype}: KFAC estimate in training epochs", f"{res['kfac'][0] / ep:.2f}", budget.strip())
+        row("kfac", f"{name} {ftype}: KFAC estimate / the diagonal's", f"{res['kfac'][0] / res['diag'][0]:.2f}x")
+
+    # the step: SGD on one batch of 128 (only the cost is measured), the penalty's gradient added as in training
+    params = dict(net.named_parameters())
+    sample = full[: max(1, 2048 // batch)]
+    sums = kfac_sums(net, sample)
+    a, g = ({k: v / sums.count for k, v in d.items()} for d in (sums.a, sums.g))
+    diag = EWC(ewc_lambda=60.0)
+    diag.consolidate(fisher_sums(net, sample).mean(), params)
+    kfacs = {}
+    for label, mode, pairs, precision in (
+        ("KFAC (1 pair a layer)", "online", 1, "highest"),
+        ("KFAC (1 pair a layer), matmul precision medium", "online", 1, "medium"),
+        ("KFAC separate, 10 pairs a layer", "separate", 10, "highest"),
+    ):
+        ewc = EWC(ewc_lambda=60.0, fisher_structure="kfac", mode=mode, kfac_matmul_precision=precision)
+        for _ in range(pairs):
+            ewc.last_factors = KroneckerSums(a, g, sums.params, sums.diagonal)
+            ewc.consolidate({}, params)
+        kfacs[label] = ewc
+    xb, yb = x[:128], y[:128]
+
+    def steps(ewc: EWC) -> float:
+        sync()
+        start = time.perf_counter()
+        for _ in range(50):
+            loss = F.cross_entropy(net(xb), yb)
+            opt.zero_grad()
+            loss.backward()
+            ewc.add_penalty_grad(net)
+            opt.step()
+        sync()
+        return (time.perf_counter() - start) / 50
+
+    res = timed(
+        {"diagonal": functools.partial(steps, diag), **{k: functools.partial(steps, e) for k, e in kfacs.items()}},
+        repeats,
+    )
+    base = res["diagonal"][0]
+    row(
+        "kfac",
+        f"{name}: training step with the diagonal EWC penalty",
+        fmt((base * 1e3, res["diagonal"][1] * 1e3), "ms"),
+    )
+    for label, ewc in kfacs.items():
+        best = res[label][0]
+        target = "< 1.5x" if label.startswith("KFAC (") and name.startswith("MLP") else ""
+        row("kfac", f"{name}: training step with the {label}", fmt((best * 1e3, res[label][1] * 1e3), "ms"))
+        row("kfac", f"{name}: {label} step / the diagonal's", f"{best / base:.2f}x", target)
+        state = ewc.state_dict()["kfac"]["blocks"]
+        nbytes = sum(t.numel() * t.element_size() for kept in state.values() for b in kept for t in b.values())
+        row("kfac", f"{name}: {label}: state", f"{nbytes / 2**20:.2f} MiB")
+    dstate = diag.state_dict()
+    nbytes = sum(t.numel() * t.element_size() for k in ("importance", "anchor") for t in dstate[k].values())
+    row("kfac", f"{name}: diagonal EWC state", f"{nbytes / 2**20:.2f} MiB")
+
+
+def section_kfac(root: str | None, repeats: int, cnn_images: int) -> None:
+    print("\n[kfac] EWC with Kronecker-factored Fisher blocks: the estimate and the step", flush=True)
+    dm = _stream(root)
+    data = dm.train_data(0)
+    assert dm.transform is not None
+    x = dm.transform(data.images, data.tasks, 0)
+    torch.manual_seed(0)
+    _kfac_case("MLP 2x400", MLP((1, 28, 28), 10), x, data.labels, 1024, repeats)
+    _kfac_case("CNN", CNN((1, 28, 28), 10), x[:cnn_images], data.labels[:cnn_images], 256, repeats)
+
+
 # ---- end to end ----------------------------------------------------------------------------------------
 _RUSAGE = (
     "import resource, subprocess, sys, time; t = time.perf_counter(); "
@@ -701,13 +808,15 @@ def section_memory(root: str | None, repeats: int, size: int = 5120) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sections", nargs="+", default=["train", "fisher", "tasks", "e2e", "memory", "dwa", "eval"])
+    parser.add_argument(
+        "--sections", nargs="+", default=["train", "fisher", "tasks", "e2e", "memory", "dwa", "eval", "kfac"]
+    )
     parser.add_argument("--data-root", default=os.environ.get("LIFELONG_DATA_DIR") or None)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--e2e-tasks", type=int, default=10)
     parser.add_argument("--cnn-images", type=int, default=5000)
     parser.add_argument(
-        "--device", default="cpu", help="cpu, or cuda (the sections train, fisher, tasks, dwa and eval)"
+        "--device", default="cpu", help="cpu, or cuda (the sections train, fisher, tasks, dwa, eval and kfac)"
     )
     parser.add_argument("--json", help="also write the table here")
     parser.add_argument("--pipeline-baseline", type=int, help=argparse.SUPPRESS)
@@ -747,6 +856,8 @@ def main() -> None:
         section_dwa(args.repeats)
     if "eval" in args.sections:
         section_eval(args.data_root, args.repeats)
+    if "kfac" in args.sections:
+        section_kfac(args.data_root, args.repeats, args.cnn_images)
     print("\n| section | measure | value | target |\n| --- | --- | --- | --- |")
     for r in ROWS:
         print("| " + " | ".join(r) + " |")

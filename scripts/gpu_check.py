@@ -11,7 +11,7 @@ report is rewritten after every step: what finished is kept if the machine is ta
 2. EWC on permuted MNIST through ``train.py``: on the CPU and with ``trainer=gpu`` (the two matrices must agree
    within :data:`ENTRY_TOLERANCE`), with ``trainer.precision=bf16-mixed`` and ``16-mixed``, and with
    ``trainer=ddp`` on every GPU there is;
-3. ``scripts/benchmark.py --device cuda`` (sections train, fisher, tasks, dwa).
+3. ``scripts/benchmark.py --device cuda`` (sections train, fisher, tasks, dwa, kfac).
 
 ``--dry-run`` runs the same steps on the CPU at a toy size (``trainer=cpu``, ``ddp_cpu``, bf16 autocast on
 the CPU; 16-mixed needs CUDA and is skipped), so the tests can check the script without a GPU.
@@ -251,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
         bench = (
             ["--device", "cpu", "--sections", "tasks", "--repeats", "1"]
             if dry
-            else ["--device", "cuda", "--sections", "train", "fisher", "tasks", "dwa", "--repeats", "3"]
+            else ["--device", "cuda", "--sections", "train", "fisher", "tasks", "dwa", "kfac", "--repeats", "3"]
         )
         output = run_step(
             report,
