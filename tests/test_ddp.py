@@ -24,22 +24,28 @@ def _subset_labels(dm: PermutedStream) -> torch.Tensor:
     return dm.train_data(0).labels[rows]
 
 
-def test_ddp_fisher_equals_the_single_process_fisher(tmp_path, mnist_root):
+def _ewc_on_two_processes(run_dir, mnist_root, stream: dict, *extra: str) -> dict:
+    """train.py (EWC, permuted MNIST, ``stream``) on 2 gloo processes into ``run_dir``; task 1's checkpoint."""
     args = [
+        *extra,
         "trainer=ddp_cpu",
         f"dataset.root={mnist_root}",
-        *(f"dataset.{k}={v}" for k, v in STREAM.items() if k != "seed"),
+        *(f"dataset.{k}={v}" for k, v in stream.items() if k != "seed"),
         "logger=none",
         "trainer.enable_progress_bar=false",
     ]
-    proc = run_train(args, tmp_path / "run")
+    proc = run_train(args, run_dir)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    return load_checkpoint(run_dir / "checkpoints" / "task_1.ckpt")
+
+
+def test_ddp_fisher_equals_the_single_process_fisher(tmp_path, mnist_root):
+    ckpt = _ewc_on_two_processes(tmp_path / "run", mnist_root, STREAM)
     metrics = read_metrics(tmp_path / "run")
     assert len(metrics["accuracy_matrix"]) == 2
     assert metrics["accuracy_matrix"][0][0] > 0.6  # 1 epoch on about 1,800 images (10 % held out for validation)
 
     # The first consolidation's importance is task 1's Fisher, estimated by two ranks on halves of the data
-    ckpt = load_checkpoint(tmp_path / "run" / "checkpoints" / "task_1.ckpt")
     ewc = ewc_state(ckpt)
     dataset = ckpt["lifelong"]["info"]["config"]["dataset"]  # the run's input and training split, rebuilt
     assert dataset["val_fraction"] > 0  # a validation split every rank agreed on (checked at setup)
@@ -63,17 +69,7 @@ def test_ddp_kfac_factors_equal_the_single_process_factors(tmp_path, mnist_root)
     """EWC with Kronecker factors on 2 gloo processes: each rank sums A and G over its shard, the sums and counts are
     all-reduced, so the consolidated factors are those one process finds on the whole task."""
     stream = {**STREAM, "val_fraction": 0}
-    args = [
-        "method.fisher_structure=kfac",
-        "trainer=ddp_cpu",
-        f"dataset.root={mnist_root}",
-        *(f"dataset.{k}={v}" for k, v in stream.items() if k != "seed"),
-        "logger=none",
-        "trainer.enable_progress_bar=false",
-    ]
-    proc = run_train(args, tmp_path / "run")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    ckpt = load_checkpoint(tmp_path / "run" / "checkpoints" / "task_1.ckpt")
+    ckpt = _ewc_on_two_processes(tmp_path / "run", mnist_root, stream, "method.fisher_structure=kfac")
     kfac = ewc_state(ckpt)["kfac"]
     standardize = ckpt["lifelong"]["info"]["config"]["dataset"]["standardize"]  # the run's input, rebuilt
     dm = PermutedStream(root=str(mnist_root), download=False, standardize=standardize, **stream)

@@ -131,3 +131,18 @@ def test_select_refuses_runs_without_validation(sweep, capsys):
     err = capsys.readouterr().err
     assert "without validation accuracy" in err and "dataset.val_fraction=0.1" in err
     assert not (sweep / "selection.csv").exists()
+
+
+def test_accuracy_curves_average_the_tasks_seen(tmp_path):
+    from lifelong.metrics.summary import seen_accuracy
+
+    nan = float("nan")
+    run = {"accuracy_matrix": [[0.9, nan, nan], [0.7, 0.8, nan], [0.6, 0.5, 0.7]]}
+    assert seen_accuracy(run) == pytest.approx([0.9, 0.75, 0.6])
+    root = tmp_path / "multirun"
+    for seed in (0, 1):
+        _write(root / str(seed), "ewc", seed, 0.6, -0.1, 0.1, extra={"accuracy_matrix": run["accuracy_matrix"]})
+    assert main([str(root), "--curves", "--reference", "90=a paper"]) == 0
+    assert (root / "curves.png").stat().st_size > 0
+    with pytest.raises(SystemExit):
+        main([str(root), "--curves", "--reference", "ninety"])

@@ -2,6 +2,7 @@
 
 python scripts/summarize.py multirun/2026-11-22_10-00-00            # Markdown table + summary.csv
 python scripts/summarize.py outputs --plot                         # and a bar chart, summary.png
+python scripts/summarize.py multirun/long --curves                 # and accuracy after each task, curves.png
 python scripts/summarize.py multirun/lambda_sweep --select          # per method, the setting with the best
                                                                    # validation accuracy, and its test accuracy
 python scripts/summarize.py multirun/seeds --compare ewc finetune  # a paired test over the seeds both ran
@@ -249,6 +250,45 @@ def bar_chart(groups: Sequence[Group], title: str = "") -> Figure:
     return fig
 
 
+def seen_accuracy(run: dict[str, Any]) -> list[float]:
+    """Row t's mean over tasks 1..t of a run's accuracy matrix: the average accuracy after each task."""
+    rows = run["accuracy_matrix"]
+    return [statistics.fmean(row[: t + 1]) for t, row in enumerate(rows) if not any(map(math.isnan, row[: t + 1]))]
+
+
+def accuracy_curves(groups: Sequence[Group], reference: tuple[float, str] | None = None) -> Figure:
+    """The average accuracy over the tasks seen so far after each task, one line per group (mean over its seeds, a
+    band of one standard deviation), one panel per stream; ``reference``: a published value (%) and its label."""
+    streams: dict[tuple[str, str, int], list[Group]] = defaultdict(list)
+    for g in groups:
+        streams[g.dataset, g.scenario, g.num_tasks].append(g)
+    fig = Figure(figsize=(7.0, 3.6 * max(1, len(streams))), dpi=110)
+    axes = fig.subplots(max(1, len(streams)), 1, squeeze=False)[:, 0]
+    for ax, ((dataset, scenario, tasks), gs) in zip(axes, streams.items(), strict=False):
+        for g in gs:
+            curves = [seen_accuracy(run) for run in g.runs]
+            length = min(len(c) for c in curves)
+            columns = [[100 * c[t] for c in curves] for t in range(length)]
+            mean = [statistics.fmean(col) for col in columns]
+            std = [statistics.stdev(col) if len(col) > 1 else 0.0 for col in columns]
+            x = range(1, length + 1)
+            (line,) = ax.plot(x, mean, label=f"{g.label} (n={len(curves)})")
+            ax.fill_between(
+                x,
+                [m - s for m, s in zip(mean, std, strict=True)],
+                [m + s for m, s in zip(mean, std, strict=True)],
+                color=line.get_color(),
+                alpha=0.2,
+            )
+        if reference is not None:
+            ax.axhline(reference[0], color="black", linestyle="--", linewidth=1, label=reference[1])
+        ax.set(xlabel="after training task", ylabel="average accuracy on the tasks seen (%)", ylim=(0, 100))
+        ax.set_title(f"{dataset}, {scenario} scenario, {tasks} tasks (mean ± std over seeds)", fontsize=9)
+        ax.legend(fontsize=7, loc="lower left")
+    fig.tight_layout()
+    return fig
+
+
 def main(argv: Iterable[str] | None = None) -> int:
     """``lifelong-summarize``; a write the system refuses ends in one message naming the file (exit 2)."""
     try:
@@ -263,6 +303,17 @@ def _main(argv: Iterable[str] | None = None) -> int:
     parser.add_argument("folder", type=Path, help="a sweep or outputs folder; every metrics.json below it is read")
     parser.add_argument("--csv", type=Path, help="where to write the table as CSV (default FOLDER/summary.csv)")
     parser.add_argument("--plot", action="store_true", help="also save a bar chart (FOLDER/summary.png)")
+    parser.add_argument(
+        "--curves",
+        action="store_true",
+        help="also save each group's average accuracy on the tasks seen after each task (FOLDER/curves.png)",
+    )
+    parser.add_argument(
+        "--reference",
+        type=_reference,
+        metavar="PERCENT=LABEL",
+        help="with --curves: a published value drawn as a line, e.g. '90=paper'",
+    )
     parser.add_argument(
         "--select",
         action="store_true",
@@ -299,7 +350,19 @@ def _main(argv: Iterable[str] | None = None) -> int:
         png = args.folder / "summary.png"
         save_atomic(png, functools.partial(bar_chart(groups).savefig, format="png"))
         print(f"bar chart written to {png}")
+    if args.curves:
+        png = args.folder / "curves.png"
+        save_atomic(png, functools.partial(accuracy_curves(groups, args.reference).savefig, format="png"))
+        print(f"accuracy curves written to {png}")
     return 0
+
+
+def _reference(text: str) -> tuple[float, str]:
+    value, _, label = text.partition("=")
+    try:
+        return float(value), label
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected PERCENT=LABEL, e.g. '90=Ritter et al. 2018'") from None
 
 
 def _print_comparison(groups: Sequence[Group], a: str, b: str, metric: str) -> int:
