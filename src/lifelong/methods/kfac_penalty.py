@@ -154,6 +154,7 @@ class KroneckerPenalty:
         self.blocks: dict[str, list[Block]] = {}  # layer -> its kept pairs (one in online mode)
         self._damped: dict[str, list[tuple[Tensor, Tensor]]] = {}  # what the step multiplies by
         self._buffers: dict[str, tuple[Tensor, Tensor, Tensor, Tensor]] = {}  # W-bar, Delta, G Delta, the sum
+        self._module: tuple[nn.Module, dict[str, Tensor]] | None = None
 
     @torch.no_grad()
     def consolidate(
@@ -180,7 +181,7 @@ class KroneckerPenalty:
 
     def _refresh(self) -> None:
         self._damped = {n: [damped(b.a, b.g, self.damping) for b in kept] for n, kept in self.blocks.items()}
-        self._buffers = {}
+        self._buffers, self._module = {}, None
 
     def to(self, device: torch.device) -> None:
         self.blocks = {n: [b.to(device) for b in kept] for n, kept in self.blocks.items()}
@@ -205,7 +206,13 @@ class KroneckerPenalty:
     def add_grad(self, module: nn.Module, factor: float) -> None:
         """Add ``factor *`` $\\sum G \\Delta A$ to each covered parameter's ``.grad`` (``factor`` = 2 kappa)."""
         with matmul_precision(self.precision):
-            self._add_grad(dict(module.named_parameters()), factor)
+            self._add_grad(self._named(module), factor)
+
+    def _named(self, module: nn.Module) -> dict[str, Tensor]:
+        """``module``'s parameters by name (cached: the same objects for the whole fit)."""
+        if self._module is None or self._module[0] is not module:
+            self._module = (module, dict(module.named_parameters()))
+        return self._module[1]
 
     def _add_grad(self, named: Mapping[str, Tensor], factor: float) -> None:
         for layer, pairs in self._damped.items():
@@ -229,7 +236,7 @@ class KroneckerPenalty:
     @torch.no_grad()
     def value(self, module: nn.Module) -> Tensor:
         """$\\sum_\\ell \\sum \\mathrm{tr}(\\Delta^\\top G \\Delta A)$ (without the coefficient)."""
-        named = dict(module.named_parameters())
+        named = self._named(module)
         total = torch.zeros((), device=next(iter(named.values())).device)
         for layer, pairs in self._damped.items():
             wbar = self._deltas(named, layer)[0]
