@@ -120,10 +120,11 @@ def patch_moment(x: Tensor, conv: nn.Conv2d) -> Tensor:
 
     Patches overlap: entry $((c, i, j), (c', i', j'))$ sums $x_c(r, s)\, x_{c'}(r + i' - i, s + j' - j)$ over the
     rectangle of input positions that the output positions reach from kernel offset $(i, j)$. So the products are
-    summed over the batch once per offset $(i' - i, j' - j)$, in one batched matmul over the input's positions, and
-    each entry is a window sum of them: ``(2 kh - 1)(2 kw - 1) H (W + kw - 1) C^2`` multiply-adds a sample instead of
-    the unfolded patches' ``H' W' (C kh kw)^2`` (the CNN's second layer: 81 x 14 x 18 x 32^2 against 196 x 800^2,
-    6x fewer), and no ``(B, T, C kh kw)`` tensor. The same sums as ``rows.T @ rows`` of `input_rows`, tested.
+    summed over the batch once per offset $(i' - i, j' - j)$ (half of them: $A$ is symmetric), in one batched
+    matmul over the input's positions, and each entry is a window sum of them: about ``2 kh kw H (W + kw - 1) C^2``
+    multiply-adds a sample instead of the unfolded patches' ``H' W' (C kh kw)^2`` (the CNN's second layer: 41 x 14
+    x 18 x 32^2 against 196 x 800^2, 12x fewer), and no ``(B, T, C kh kw)`` tensor. The same sums as ``rows.T @
+    rows`` of `input_rows`, tested.
     """
     n, c, h, w = x.shape
     (kh, kw), (ph, pw) = conv.kernel_size, cast(tuple[int, int], conv.padding)
@@ -133,31 +134,43 @@ def patch_moment(x: Tensor, conv: nn.Conv2d) -> Tensor:
     grid[kh : kh + h, :w] = x.permute(2, 3, 0, 1)
     flat = grid.flatten(0, 1)  # (positions, N, C): a shift by (di, dj) is a shift by di * wx + dj
     start = kh * wx
-    left = flat[start : start + h * wx].transpose(1, 2)  # (h * wx, C, N)
+    left = flat[start : start + h * wx].transpose(1, 2).contiguous()  # (h * wx, C, N), made once for every bmm
+    # which input rows (columns) the output reaches from each kernel offset: [i - ph, i - ph + ho), clipped
+    row_windows = _windows(kh, ph, ho, h, h, x)  # (kh, h) of 0 and 1
+    col_windows = _windows(kw, pw, wo, w, wx, x)  # (kw, wx): the zero columns after each row in no window
 
     def windows(m: Tensor) -> Tensor:
-        """Sums of ``m`` (h, w, ...) over the output's window from each kernel offset: (kh, kw, ...)."""
-        padded = m.new_zeros(h + 2 * ph, w + 2 * pw, *m.shape[2:])
-        padded[ph : ph + h, pw : pw + w] = m
-        return padded.unfold(0, ho, 1).sum(-1).unfold(1, wo, 1).sum(-1)
+        """Sums of ``m`` ``(h, wx, ...)`` over each kernel offset's window of the input: ``(kh, kw, ...)``."""
+        by_rows = (row_windows @ m.reshape(h, -1)).view(kh, wx, -1)
+        return (col_windows @ by_rows).view(kh, kw, *m.shape[2:])
 
     moment = x.new_zeros(c, kh, kw, c, kh, kw)
     view = moment.permute(1, 2, 4, 5, 0, 3)  # (kh, kw, kh, kw, C, C): indexed by the kernel offsets first
-    for di in range(-(kh - 1), kh):
-        for dj in range(-(kw - 1), kw):
-            shift = start + di * wx + dj
-            prod = torch.bmm(left, flat[shift : shift + h * wx]).view(h, wx, c, c)[:, :w]  # (h, w, C, C)
-            i = torch.arange(max(0, -di), min(kh, kh - di), device=x.device)[:, None]
-            j = torch.arange(max(0, -dj), min(kw, kw - dj), device=x.device)[None, :]
-            i, j = torch.broadcast_tensors(i, j)
-            view[i, j, i + di, j + dj] = windows(prod)[i, j]
+    # half the offsets: A is symmetric, so the block of offset -(di, dj) is the transposed block of (di, dj)
+    for di, dj in ((di, dj) for di in range(kh) for dj in range(-(kw - 1), kw) if di > 0 or dj >= 0):
+        shift = start + di * wx + dj
+        prod = torch.bmm(left, flat[shift : shift + h * wx]).view(h, wx, c, c)
+        i = torch.arange(0, kh - di, device=x.device)[:, None]
+        j = torch.arange(max(0, -dj), min(kw, kw - dj), device=x.device)[None, :]
+        i, j = torch.broadcast_tensors(i, j)
+        blocks = windows(prod)[i, j]  # (len i, len j, C, C)
+        view[i, j, i + di, j + dj] = blocks
+        view[i + di, j + dj, i, j] = blocks.transpose(-1, -2)
     moment = moment.view(c * kh * kw, c * kh * kw)
     if conv.bias is None:
         return moment
-    column = windows(x.sum(0).permute(1, 2, 0)).permute(2, 0, 1).flatten()  # the ones column: sums of the patches
+    column = windows(grid[kh : kh + h].sum(2)).permute(2, 0, 1).flatten()  # the ones column: sums of the patches
     out = x.new_empty(c * kh * kw + 1, c * kh * kw + 1)
     out[:-1, :-1], out[:-1, -1], out[-1, :-1], out[-1, -1] = moment, column, column, n * ho * wo
     return out
+
+
+def _windows(kernel: int, padding: int, out: int, size: int, width: int, like: Tensor) -> Tensor:
+    """``(kernel, width)``: 1 where input position p (of ``size``) is in the window ``[k - padding, k - padding +
+    out)`` that the ``out`` output positions reach from kernel offset k."""
+    first = torch.arange(kernel, device=like.device)[:, None] - padding
+    p = torch.arange(width, device=like.device)[None, :]
+    return ((p >= first) & (p < first + out) & (p < size)).to(like.dtype)
 
 
 def output_rows(module: nn.Module, g: Tensor) -> Tensor:
