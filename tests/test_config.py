@@ -81,6 +81,16 @@ def test_a_preset_pins_the_strength_of_the_method_chosen(tmp_path):
     assert instantiate(_compose(tmp_path, ["method=ewc"]).method).ewc_lambda == 60  # no preset: the default
     finetune = _compose(tmp_path, ["experiment=permuted_mnist_10", "method=finetune"])
     assert "ewc_lambda" not in finetune.method  # other methods ignore it
+    # a preset may pin one per Fisher structure and mode (each selected on validation data)
+    ritter = ["experiment=ritter2018_permuted_mnist_50"]
+    for overrides, selected in (
+        (["method=ewc"], 30),
+        (["method=online_ewc"], 30),
+        (["method=online_ewc", "method.fisher_structure=kfac"], 10),
+        (["method=ewc", "method.ewc_lambda=7"], 7),
+    ):
+        assert instantiate(_compose(tmp_path, [*ritter, *overrides]).method).ewc_lambda == selected, overrides
+    assert "ewc_lambda" not in _compose(tmp_path, [*ritter, "method=finetune"]).method
 
 
 @pytest.mark.parametrize("option", EXPERIMENTS)
@@ -108,6 +118,9 @@ def test_experiment_presets_pin_their_protocol(tmp_path, option):
         assert list(cfg.model.hidden_sizes) == [400, 400]
     elif option.startswith("dwa_"):
         assert dm.scenario == "task" and dm.epochs_per_task == 1
+    elif option.startswith("ritter2018"):  # 50 permuted tasks of one epoch, MLP 2 x 400, pixels in [0, 1]
+        assert (dm.num_tasks, dm.scenario, dm.epochs_per_task) == (50, "domain", 1)
+        assert list(cfg.model.hidden_sizes) == [400, 400] and dm.standardize is False and dm.val_fraction == 0.1
     else:
         assert (dm.num_tasks, dm.scenario) == (10, "domain") and list(cfg.model.hidden_sizes) == [1000, 1000]
         assert dm.standardize is False  # pixels in [0, 1], as in the paper (see the preset's comment)

@@ -91,9 +91,11 @@ def test_mixed_precision_keeps_the_ewc_penalty_exact(precision, gpu_run, tmp_pat
     assert gap < 0.03  # the same training to within half precision's rounding
 
 
-def test_training_steps_make_no_host_sync(tmp_path, mnist_root, monkeypatch):
+@pytest.mark.parametrize("structure", ["diagonal", "kfac"])
+def test_training_steps_make_no_host_sync(tmp_path, mnist_root, monkeypatch, structure):
     """From the first batch to the task's last, no step waits for the GPU: torch raises on any synchronising
-    call (an ``.item()``, a copy to the host, a ``nonzero``). Steps that log do sync, so none logs here."""
+    call (an ``.item()``, a copy to the host, a ``nonzero``). Steps that log do sync, so none logs here. With the
+    diagonal Fisher's penalty and with the Kronecker factors' (``method.fisher_structure=kfac``)."""
     from lifelong.models import ContinualClassifier
 
     start, end = ContinualClassifier.on_train_batch_start, ContinualClassifier.on_train_batch_end
@@ -114,7 +116,13 @@ def test_training_steps_make_no_host_sync(tmp_path, mnist_root, monkeypatch):
     monkeypatch.setattr(ContinualClassifier, "on_train_batch_end", stop_at_the_last)
     try:
         compose_run(
-            [f"dataset.root={mnist_root}", *STREAM, "trainer=gpu", "trainer.log_every_n_steps=100000"],
+            [
+                f"dataset.root={mnist_root}",
+                *STREAM,
+                "trainer=gpu",
+                "trainer.log_every_n_steps=100000",
+                f"method.fisher_structure={structure}",
+            ],
             tmp_path / "run",
         )
     finally:
