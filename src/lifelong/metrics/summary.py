@@ -25,10 +25,10 @@ import math
 import statistics
 import sys
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from matplotlib.figure import Figure
 
@@ -36,6 +36,9 @@ from lifelong.errors import WriteError
 from lifelong.files import atomic_open, save_atomic
 from lifelong.keys import NOT_HYPERPARAMETERS, flatten, under
 from lifelong.metrics.continual import SUMMARY_KEYS
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
 
 METRICS = SUMMARY_KEYS
 LABELS = {"avg_accuracy": "ACC", "bwt": "BWT", "forgetting": "forgetting", "fwt": "FWT", "learning_accuracy": "LA"}
@@ -226,22 +229,32 @@ def write_csv(groups: Sequence[Group], path: Path) -> None:
             writer.writerow([g.dataset, g.scenario, g.num_tasks, g.method, setting, len(g.seeds), *stats, seeds])
 
 
-def bar_chart(groups: Sequence[Group], title: str = "") -> Figure:
-    """Average accuracy of each method with its standard deviation over seeds, one panel per stream."""
+def _stream_panels(
+    groups: Sequence[Group], width: Callable[[int], float], height: float
+) -> tuple[Figure, list[tuple[Axes, list[Group]]]]:
+    """A figure of one titled panel per stream (dataset, scenario, tasks), each with its groups; ``width`` of the most
+    groups one panel holds, ``height`` a panel's."""
     streams: dict[tuple[str, str, int], list[Group]] = defaultdict(list)
     for g in groups:
         streams[g.dataset, g.scenario, g.num_tasks].append(g)
-    width = max(len(v) for v in streams.values()) if streams else 1
-    fig = Figure(figsize=(max(4.0, 0.7 * width + 1.5), 3.2 * max(1, len(streams))), dpi=110)
+    most = max(len(v) for v in streams.values()) if streams else 1
+    fig = Figure(figsize=(width(most), height * max(1, len(streams))), dpi=110)
     axes = fig.subplots(max(1, len(streams)), 1, squeeze=False)[:, 0]
-    for ax, ((dataset, scenario, tasks), gs) in zip(axes, streams.items(), strict=False):
+    for ax, (dataset, scenario, tasks) in zip(axes, streams, strict=False):
+        ax.set_title(f"{dataset}, {scenario} scenario, {tasks} tasks (mean ± std over seeds)", fontsize=9)
+    return fig, list(zip(axes, streams.values(), strict=False))
+
+
+def bar_chart(groups: Sequence[Group], title: str = "") -> Figure:
+    """Average accuracy of each method with its standard deviation over seeds, one panel per stream."""
+    fig, panels = _stream_panels(groups, lambda most: max(4.0, 0.7 * most + 1.5), 3.2)
+    for ax, gs in panels:
         means = [100 * g.mean("avg_accuracy") for g in gs]
         stds = [100 * g.std("avg_accuracy") for g in gs]
         ax.bar(range(len(gs)), means, yerr=stds, capsize=4, color="tab:blue", alpha=0.8)
         ax.set_xticks(range(len(gs)), [g.label for g in gs], rotation=30, ha="right")
         ax.set_ylabel("average accuracy (%)")
         ax.set_ylim(0, 100)
-        ax.set_title(f"{dataset}, {scenario} scenario, {tasks} tasks (mean ± std over seeds)", fontsize=9)
         for i, (m, g) in enumerate(zip(means, gs, strict=True)):  # inside the bar: clear of the title
             ax.text(i, m / 2, f"{m:.1f}\nn={len(g.seeds)}", ha="center", va="center", fontsize=7, color="white")
     if title:
@@ -259,12 +272,8 @@ def seen_accuracy(run: dict[str, Any]) -> list[float]:
 def accuracy_curves(groups: Sequence[Group], reference: tuple[float, str] | None = None) -> Figure:
     """The average accuracy over the tasks seen so far after each task, one line per group (mean over its seeds, a
     band of one standard deviation), one panel per stream; ``reference``: a published value (%) and its label."""
-    streams: dict[tuple[str, str, int], list[Group]] = defaultdict(list)
-    for g in groups:
-        streams[g.dataset, g.scenario, g.num_tasks].append(g)
-    fig = Figure(figsize=(7.0, 3.6 * max(1, len(streams))), dpi=110)
-    axes = fig.subplots(max(1, len(streams)), 1, squeeze=False)[:, 0]
-    for ax, ((dataset, scenario, tasks), gs) in zip(axes, streams.items(), strict=False):
+    fig, panels = _stream_panels(groups, lambda _: 7.0, 3.6)
+    for ax, gs in panels:
         for g in gs:
             curves = [seen_accuracy(run) for run in g.runs]
             length = min(len(c) for c in curves)
@@ -283,7 +292,6 @@ def accuracy_curves(groups: Sequence[Group], reference: tuple[float, str] | None
         if reference is not None:
             ax.axhline(reference[0], color="black", linestyle="--", linewidth=1, label=reference[1])
         ax.set(xlabel="after training task", ylabel="average accuracy on the tasks seen (%)", ylim=(0, 100))
-        ax.set_title(f"{dataset}, {scenario} scenario, {tasks} tasks (mean ± std over seeds)", fontsize=9)
         ax.legend(fontsize=7, loc="lower left")
     fig.tight_layout()
     return fig
